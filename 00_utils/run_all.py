@@ -1,0 +1,82 @@
+"""Run every topic's demo and print a summary table: the main job of LLM Lab.
+
+    python 00_utils/run_all.py --quick      # every demo in quick mode (minutes on 2 CPU cores)
+    python 00_utils/run_all.py              # full mode: refreshes each topic's figures/ and results.json
+    python 00_utils/run_all.py --topics 01 04 --device cuda
+
+A failing topic does not stop the others; the exit status is non-zero when any topic failed.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lab_paths import TOPIC_DIRS
+from runtime import DEVICE_CHOICES
+
+
+def demo_scripts(selected: list[str] | None = None) -> list[Path]:
+    """The demo.py of every topic folder, in curriculum order, optionally filtered by number or name prefix."""
+    scripts = [d / "demo.py" for d in TOPIC_DIRS if (d / "demo.py").is_file()]
+    if selected:
+        scripts = [s for s in scripts if any(s.parent.name.startswith(prefix) for prefix in selected)]
+    return scripts
+
+
+def run_demo(script: Path, quick: bool, device: str, out_dir: Path | None) -> dict:
+    """Run one demo in a subprocess; returns its row of the summary table."""
+    command = [sys.executable, str(script), "--device", device]
+    if quick:
+        command.append("--quick")
+    figure_dir = (out_dir or script.parent) / "figures"
+    if out_dir is not None:
+        command += ["--out", str(out_dir)]
+    started_wall = time.time()
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=script.parent)
+    seconds = time.perf_counter() - start
+    written = [p for p in figure_dir.glob("*.png") if p.stat().st_mtime >= started_wall - 1] if figure_dir.is_dir() else []
+    return {"topic": script.parent.name, "status": "ok" if completed.returncode == 0 else f"FAILED ({completed.returncode})",
+            "seconds": seconds, "figures": len(written)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="run each demo with --quick")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--topics", nargs="*", help="topic numbers or folder-name prefixes to run (default: all)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write each topic's output under OUT/NN_topic (default: quick runs go to a temp "
+                             "folder, full runs refresh each topic folder)")
+    args = parser.parse_args(argv)
+
+    scripts = demo_scripts(args.topics)
+    if not scripts:
+        print("no demo.py found for the selected topics", file=sys.stderr)
+        return 1
+    out_root = args.out
+    if out_root is None and args.quick:
+        out_root = Path(tempfile.gettempdir()) / "llm_lab_quick"
+    rows = []
+    for script in scripts:
+        print(f"\n=== {script.parent.name} ===", flush=True)
+        out_dir = out_root / script.parent.name if out_root is not None else None
+        rows.append(run_demo(script, args.quick, args.device, out_dir))
+
+    print(f"\n{'topic':<28} {'status':<12} {'seconds':>8} {'figures':>8}")
+    for row in rows:
+        print(f"{row['topic']:<28} {row['status']:<12} {row['seconds']:>8.1f} {row['figures']:>8}")
+    failed = [row["topic"] for row in rows if row["status"] != "ok"]
+    total = sum(row["seconds"] for row in rows)
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} topics ok in {total:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if out_root is not None:
+        print(f"outputs under {out_root}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Tests for the shared helpers: data, batching, runtime, results, the training loop, checkpoints."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from data import CharVocab, encode_bytes, pydoc_text, random_batch, train_val_split
+from demo_cli import demo_parser, start_demo
+from results import write_results
+from runtime import Timer, pick_device, seed_everything, time_function, track_peak_memory
+from training import (CheckpointError, TrainConfig, learning_rate_at, load_checkpoint, save_checkpoint, train)
+
+
+# ----- data -----
+
+def test_pydoc_corpus_is_real_english_and_offline():
+    text = pydoc_text()
+    assert len(text) > 100_000
+    assert "the" in text.split()
+
+
+def test_shakespeare_cache_is_used_when_checksum_matches(tmp_path, monkeypatch):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    if not shared.is_file():
+        pytest.skip("../shared/data/tinyshakespeare.txt not present")
+    (tmp_path / data.SHAKESPEARE_FILENAME).write_bytes(shared.read_bytes())
+    monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path))
+    text = data.shakespeare_text(download=False)
+    assert len(text.encode()) == 1_115_394 and text.startswith("First Citizen")
+
+
+def test_corrupt_cache_is_never_used(tmp_path, monkeypatch):
+    (tmp_path / data.SHAKESPEARE_FILENAME).write_text("First Citizen: a tampered copy\n")
+    monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path))
+    with pytest.raises(data.CorpusUnavailableError):
+        data.shakespeare_path(download=False)
+    # A download that fails (unreachable address) must raise a message naming LLM_LAB_DATA.
+    with pytest.raises(data.CorpusUnavailableError, match="LLM_LAB_DATA"):
+        data.shakespeare_path(download=True, url="http://127.0.0.1:9/none.txt", timeout=2)
+    assert (tmp_path / data.SHAKESPEARE_FILENAME).read_text().startswith("First Citizen: a tampered")
+
+
+def test_auto_corpus_falls_back_to_pydoc_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/none.txt")
+    monkeypatch.setattr(data.shakespeare_path, "__defaults__", (True, "http://127.0.0.1:9/none.txt", 2.0))
+    text, name = data.load_corpus("auto")
+    assert name == "pydoc" and text == pydoc_text()
+    with pytest.raises(ValueError, match="corpus name"):
+        data.load_corpus("wikipedia")
+
+
+def test_char_vocab_round_trip_and_unknown_characters():
+    vocab = CharVocab("hello world")
+    assert vocab.decode(vocab.encode("hold low")) == "hold low"
+    assert vocab.size == len(set("hello world"))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.encode("xyz")
+
+
+def test_byte_encoding_matches_utf8():
+    assert encode_bytes("héllo ✓").tolist() == list("héllo ✓".encode("utf-8"))
+
+
+def test_batches_have_right_shapes_and_stay_inside_data():
+    data_ids = torch.arange(1000)
+    train_ids, val_ids = train_val_split(data_ids, 0.1)
+    assert len(train_ids) == 900 and len(val_ids) == 100 and val_ids[0] == 900
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x, y = random_batch(val_ids, batch_size=8, context_length=16, generator=generator)
+        assert x.shape == y.shape == (8, 16)
+        assert x.min() >= 900 and y.max() <= 999
+        assert torch.equal(y[:, :-1], x[:, 1:])  # targets are inputs shifted by one
+        assert torch.equal(y - x, torch.ones_like(x))  # consecutive ids: each window is contiguous
+
+
+@pytest.mark.parametrize("kwargs, name", [({"batch_size": 0, "context_length": 4}, "batch_size"),
+                                          ({"batch_size": 2, "context_length": 100}, "context_length")])
+def test_bad_batch_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        random_batch(torch.arange(100), **kwargs)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_val_split(torch.arange(10), 1.5)
+
+
+# ----- runtime and results -----
+
+def test_pick_device_and_bad_names():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ValueError, match="device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            pick_device("cuda")
+
+
+def test_seeding_repeats_random_draws():
+    seed_everything(3)
+    a = torch.randn(5)
+    seed_everything(3)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_timer_and_time_function_measure_positive_time():
+    with Timer("cpu") as t:
+        sum(range(10_000))
+    assert t.seconds > 0
+    assert time_function(lambda: sum(range(1000)), "cpu", repeats=2) > 0
+    with pytest.raises(ValueError, match="repeats"):
+        time_function(lambda: None, "cpu", repeats=0)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with track_peak_memory("cpu") as stats:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched by the fill
+        block.add_(1)
+        del block
+    assert stats["peak_bytes"] >= 48 * 1024 * 1024
+
+
+def test_results_json_records_environment_and_sanitises(tmp_path):
+    path = write_results(tmp_path / "results.json", {"loss": torch.tensor(1.5), "bad": float("nan")}, "cpu",
+                         topic="x")
+    document = json.loads(path.read_text())
+    assert document["results"] == {"loss": 1.5, "bad": "nan"}
+    assert document["environment"]["torch"] == torch.__version__ and document["topic"] == "x"
+
+
+def test_demo_cli_defaults_and_out(tmp_path):
+    args = demo_parser("test").parse_args(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    run = start_demo(args, str(Path(__file__)))
+    assert run.quick and run.device.type == "cpu" and run.out_dir == tmp_path.resolve()
+    run.finish({"answer": 42})
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["answer"] == 42
+
+
+# ----- training loop and checkpoints -----
+
+def test_learning_rate_schedule_shape():
+    config = TrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, min_lr_fraction=0.1)
+    assert learning_rate_at(0, config) == pytest.approx(0.1)
+    assert learning_rate_at(9, config) == pytest.approx(1.0)
+    assert learning_rate_at(10, config) == pytest.approx(1.0)
+    assert learning_rate_at(55, config) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
+    assert learning_rate_at(100, config) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("learning_rate", -1.0), ("min_lr_fraction", 2.0),
+                                          ("grad_clip", 0.0), ("warmup_steps", -1)])
+def test_bad_train_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+class Bigram(torch.nn.Module):
+    def __init__(self, vocab=8):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, x):
+        return self.table(x)
+
+
+def _cyclic_batches(split):
+    start = torch.randint(0, 8, (16, 1))
+    seq = (start + torch.arange(9)) % 8  # 0 1 2 ... 7 0 1: each token determines the next
+    return seq[:, :-1], seq[:, 1:]
+
+
+def test_loss_decreases_on_a_tiny_problem():
+    torch.manual_seed(0)
+    model = Bigram()
+    history = train(model, _cyclic_batches, TrainConfig(steps=150, learning_rate=0.1, warmup_steps=10,
+                                                        eval_interval=50, eval_batches=2, progress=False))
+    assert history.val_loss[0] > math.log(8) - 0.5
+    assert history.val_loss[-1] < 0.2 < history.val_loss[0]
+    assert len(history.train_loss) == 150 and history.eval_steps == [0, 50, 100, 150]
+    assert not history.diverged and history.tokens_seen == 150 * 16 * 8
+
+
+def test_divergence_is_detected():
+    model = Bigram()
+
+    def exploding_loss(model, x, y):
+        return model(x).sum() * float("inf")
+
+    history = train(model, _cyclic_batches, TrainConfig(steps=20, progress=False, eval_batches=1),
+                    loss_fn=lambda m, x, y: exploding_loss(m, x, y) if m.training else torch.tensor(1.0))
+    assert history.diverged and len(history.train_loss) == 1
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = Bigram()
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, step=7, metadata={"note": "hi"})
+    restored = Bigram()
+    info = load_checkpoint(path, restored, torch.optim.AdamW(restored.parameters()))
+    assert info == {"step": 7, "metadata": {"note": "hi"}}
+    assert torch.equal(restored.table.weight, model.table.weight)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", Bigram())
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path, Bigram())
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path, Bigram())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", Bigram())
+
+
+def test_checkpoint_for_another_model_is_rejected(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", Bigram(vocab=8))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(path, Bigram(vocab=9))
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo unsafe",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path, Bigram())

@@ -1,0 +1,18 @@
+"""pytest set-up for the whole repository: make every topic folder importable and find the corpus.
+
+Every NN_topic folder goes on sys.path through 00_utils/lab_paths.py, the same mechanism the demos
+use. When ../shared/data/tinyshakespeare.txt exists beside the checkout (as in CI) and LLM_LAB_DATA
+is not set, tests use that copy instead of downloading; without it the Shakespeare tests skip.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "00_utils"))
+import lab_paths  # noqa: E402,F401
+
+_shared_data = ROOT.parent / "shared" / "data"
+if "LLM_LAB_DATA" not in os.environ and (_shared_data / "tinyshakespeare.txt").is_file():
+    os.environ["LLM_LAB_DATA"] = str(_shared_data)
