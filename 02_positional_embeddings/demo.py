@@ -1,0 +1,399 @@
+"""02 — Positional embeddings: what each encoding looks like, and which ones extrapolate.
+
+Experiments:
+  1. encoding_heatmaps: the sinusoidal table, its position-position similarity, the RoPE score of one
+     query/key pair over all position pairs, and the ALiBi bias of the lab model's heads.
+  2. similarity_vs_distance: how the sinusoidal similarity, the RoPE score and the ALiBi bias change
+     with the distance between two positions.
+  3. extrapolation: the lab model (04's MiniFormer) trained with each encoding (learned, sinusoidal,
+     rope, alibi, none) at one context length, then evaluated on validation windows 1x, 2x, 4x, 8x
+     as long. The learned table is sized for 8x but only its first 1x rows are ever trained.
+  4. learned_table: what the learned model's table looks like in the rows it trained and the rows it did not.
+  5. bias_instead_of_vectors: which encodings change the input vectors, and which only the attention scores.
+"""
+
+import pathlib, sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
+import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
+from plotting import bar, heatmap, line, panels  # noqa: E402
+from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding  # noqa: E402
+from runtime import Timer, seed_everything  # noqa: E402
+from training import train  # noqa: E402
+from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+
+ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+LENGTH_FACTORS = (1, 2, 4, 8)
+COLORS = {"learned": "tab:red", "sinusoidal": "tab:orange", "rope": "tab:blue", "alibi": "tab:green",
+          "none": "tab:gray"}
+# Quick and full runs differ in these sizes only.
+SIZES = {
+    "quick": dict(train_length=64, steps=40, batch_size=8, eval_tokens=1024, position_bin=32),
+    "full": dict(train_length=64, steps=800, batch_size=16, eval_tokens=32768, position_bin=16),
+}
+
+
+# ---------------------------------------------------------------------------------------------- 1
+def encoding_heatmaps(run, embed_dim: int, num_heads: int, num_positions: int = 128) -> dict:
+    """Draw the encodings themselves; measure that the similarities depend on the distance only."""
+    table = sinusoidal_encoding(num_positions, embed_dim)  # (P, E)
+    similarity = table @ table.T / embed_dim * 2  # (P, P); 1 on the diagonal (each pair has sin^2 + cos^2 = 1)
+    head_dim = embed_dim // num_heads
+    generator = torch.Generator().manual_seed(run.seed)
+    vector = torch.randn(head_dim, generator=generator, dtype=torch.float64)
+    vector = vector / vector.norm()
+    rotated = apply_rope(vector.expand(num_positions, head_dim))  # (P, D): the same vector at every position
+    rope_scores = rotated @ rotated.T  # (P, P): q_m . k_n with q = k
+    bias = alibi_bias(num_heads, num_positions, num_positions)  # (H, P, P)
+    causal = torch.ones(num_positions, num_positions, dtype=torch.bool).tril()
+
+    def toeplitz_deviation(matrix):
+        """Largest gap between an entry (m, n) and the entry (m - n, 0) or (0, n - m) of the same distance."""
+        m, n = torch.meshgrid(torch.arange(num_positions), torch.arange(num_positions), indexing="ij")
+        reference = torch.where(m >= n, matrix[(m - n), 0], matrix[0, (n - m)])
+        return (matrix - reference).abs().max().item()
+
+    fig, axes = panels(2, 2, width=5.2, height=4.2,
+                       title="Sinusoidal, RoPE and ALiBi all make attention see distance m - n, not m and n")
+    heatmap(axes[0], table.numpy(), xlabel="feature (even = sin, odd = cos)", ylabel="position",
+            title=f"sinusoidal table, {num_positions} positions x {embed_dim} dims",
+            cmap="RdBu_r", colorbar_label="value", vmin=-1, vmax=1)
+    heatmap(axes[1], similarity.numpy(), xlabel="position n", ylabel="position m",
+            title="sinusoidal PE[m] . PE[n] / (E/2)", cmap="viridis",
+            colorbar_label="similarity")
+    heatmap(axes[2], rope_scores.numpy(), xlabel="key position n", ylabel="query position m",
+            title=f"RoPE q_m . k_n, one unit vector q = k, D = {head_dim}", cmap="viridis",
+            colorbar_label="score")
+    heatmap(axes[3], bias[0].masked_fill(~causal, float("nan")).numpy(), xlabel="key position n",
+            ylabel="query position m",
+            title=f"ALiBi bias, head 1 (slope {alibi_slopes(num_heads)[0]:.3g}), future masked",
+            cmap="magma", colorbar_label="added to the score")
+    fig.subplots_adjust(wspace=0.45, hspace=0.35)
+    run.save(fig, "encoding_heatmaps")
+    return {"sinusoidal_similarity_toeplitz_max_deviation": toeplitz_deviation(similarity),
+            "rope_score_toeplitz_max_deviation": toeplitz_deviation(rope_scores),
+            "alibi_bias_toeplitz_max_deviation": max(toeplitz_deviation(b) for b in bias)}
+
+
+# ---------------------------------------------------------------------------------------------- 2
+def similarity_vs_distance(run, embed_dim: int, num_heads: int, max_distance: int, train_length: int,
+                           num_vectors: int = 256) -> dict:
+    """Sinusoidal cosine similarity, RoPE score and ALiBi bias as functions of the distance k."""
+    distances = torch.arange(max_distance + 1)
+    table = sinusoidal_encoding(max_distance + 1, embed_dim).double()
+    sinusoidal_cosine = (table @ table[0]) / (table.norm(dim=1) * table[0].norm())  # (K,)
+    head_dim = embed_dim // num_heads
+    generator = torch.Generator().manual_seed(run.seed)
+    vectors = torch.randn(num_vectors, 1, head_dim, generator=generator, dtype=torch.float64)
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True)  # (N, 1, D) unit vectors
+    rope_scores = {}
+    for base in (10000.0, 100.0):
+        at_zero = apply_rope(vectors, base=base)  # (N, 1, D): position 0
+        at_k = apply_rope(vectors.expand(-1, max_distance + 1, -1), base=base)  # (N, K, D): positions 0..K-1
+        rope_scores[base] = (at_k * at_zero).sum(-1)  # (N, K): q . k with q = k, at distance k
+    slopes = alibi_slopes(num_heads)
+    bias = alibi_bias(num_heads, 1, max_distance + 1)[:, 0].flip(-1)  # (H, K): bias at distance 0..K-1
+
+    fig, axes = panels(1, 3, width=5.0, height=3.9,
+                       title="Sinusoidal and RoPE similarity decays and oscillates with distance; ALiBi falls linearly")
+    line(axes[0], distances, {"sinusoidal cos(PE[p], PE[p + k])": sinusoidal_cosine.numpy()},
+         xlabel="distance k (positions)", ylabel="cosine similarity", markers=False,
+         title=f"sinusoidal, dim {embed_dim}")
+    for index, (base, scores) in enumerate(rope_scores.items()):
+        mean, std = scores.mean(0).numpy(), scores.std(0).numpy()
+        color = f"C{index}"
+        axes[1].plot(distances, mean, color=color, label=f"base {base:g}: mean over {num_vectors} q = k")
+        axes[1].fill_between(distances, mean - std, mean + std, color=color, alpha=0.2, label=f"base {base:g}: +- 1 std")
+    axes[1].set(xlabel="distance k (positions)", ylabel="q . k after RoPE (unit vectors)",
+                title=f"RoPE, head dim {head_dim}")
+    axes[1].legend()
+    line(axes[2], distances, {f"head {h + 1}, slope {s:.3g}": bias[h].numpy() for h, s in enumerate(slopes.tolist())},
+         xlabel="distance k (positions)", ylabel="bias added to the score", markers=False,
+         title=f"ALiBi, {num_heads} heads (output of alibi_bias)")
+    for ax in axes:
+        _mark_training_length(ax, train_length)
+    run.save(fig, "similarity_vs_distance")
+    at = [1, train_length, max_distance]
+    return {"distances": at,
+            "sinusoidal_cosine": [sinusoidal_cosine[k].item() for k in at],
+            "rope_mean_score_base_10000": [rope_scores[10000.0][:, k].mean().item() for k in at],
+            "rope_mean_score_base_100": [rope_scores[100.0][:, k].mean().item() for k in at],
+            "alibi_slopes": slopes.tolist(),
+            "alibi_bias_at_max_distance": bias[:, max_distance].tolist()}
+
+
+# ---------------------------------------------------------------------------------------------- 3
+@dataclass
+class ExtrapolationSetup:
+    """What every trained variant shares: training batches, schedule, and the fixed validation windows."""
+
+    sizes: dict
+    lengths: list  # evaluation lengths, 1x .. 8x the training length
+    batch_fn: object
+    batch_generator: torch.Generator  # re-seeded before each run: every variant sees the same batches
+    vocab_size: int
+    corpus: str
+    windows: dict  # {length: (x, y)}, the same for every model
+
+
+def make_setup(run, sizes: dict) -> ExtrapolationSetup:
+    train_length = sizes["train_length"]
+    lengths = [train_length * f for f in LENGTH_FACTORS]
+    batch_generator = torch.Generator()
+    batch_fn, vocab, corpus = char_shakespeare_batches(train_length, sizes["batch_size"], run.device,
+                                                       generator=batch_generator)
+    windows = {}
+    for length in lengths:  # about eval_tokens targets per length, drawn once with a fixed seed
+        val_fn, _, _ = char_shakespeare_batches(length, max(1, sizes["eval_tokens"] // length), run.device,
+                                                generator=torch.Generator().manual_seed(run.seed + length))
+        windows[length] = val_fn("val")
+    return ExtrapolationSetup(sizes, lengths, batch_fn, batch_generator, vocab.size, corpus, windows)
+
+
+@torch.no_grad()
+def loss_per_position(model, x, y) -> torch.Tensor:
+    """Mean cross-entropy at each position of the windows: (T,)."""
+    model.eval()
+    logits = model(x)  # (B, T, V)
+    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+    return losses.mean(0).cpu()
+
+
+def evaluate_lengths(model, setup: ExtrapolationSetup) -> dict:
+    """Validation loss of a trained model at every evaluation length, and position by position at the longest."""
+    train_length = setup.sizes["train_length"]
+    per_position = {length: loss_per_position(model, *setup.windows[length]) for length in setup.lengths}
+    losses = [per_position[length].mean().item() for length in setup.lengths]
+    longest = per_position[setup.lengths[-1]]
+    return {"val_loss": losses,
+            "loss_ratio_to_1x": [loss / losses[0] for loss in losses],
+            "longest_loss_inside_train_length": longest[:train_length].mean().item(),
+            "longest_loss_beyond_train_length": longest[train_length:].mean().item(),
+            "longest_loss_per_position": longest}
+
+
+def train_and_evaluate(run, setup: ExtrapolationSetup, label: str, **config_overrides):
+    """Train the lab model (with config_overrides) at the training length, then evaluate it at every length."""
+    seed_everything(run.seed)  # same initial weights for the shared parts...
+    setup.batch_generator.manual_seed(run.seed)  # ...and the same training batches for every variant
+    # context_length = the longest evaluation: it sizes the learned table (8x rows, only the first 1x ever
+    # trained) and the sinusoidal buffer; RoPE, ALiBi and none have no table at all.
+    config = lab_model_config(setup.vocab_size, context_length=setup.lengths[-1], **config_overrides)
+    model = MiniFormer(config).to(run.device)
+    steps = setup.sizes["steps"]
+    train_config = lab_train_config(steps=steps, warmup_steps=max(1, steps // 10), eval_interval=steps,
+                                    eval_batches=10, progress=False)
+    with Timer(run.device) as timer:
+        history = train(model, setup.batch_fn, train_config, device=run.device)
+    result = {**evaluate_lengths(model, setup), "train_seconds": timer.seconds, "diverged": history.diverged,
+              "val_loss_during_training": history.final_val_loss}
+    print(f"  {label:18s} {steps} steps in {timer.seconds:5.1f} s; val loss at "
+          + ", ".join(f"{L}: {v:.3f}" for L, v in zip(setup.lengths, result["val_loss"])))
+    return result, model
+
+
+def extrapolation(run, setup: ExtrapolationSetup) -> tuple[dict, dict]:
+    """Train the lab model once per encoding at the training length; evaluate at 1x, 2x, 4x, 8x that length."""
+    train_length = setup.sizes["train_length"]
+    results, models = {}, {}
+    for position in ENCODINGS:
+        results[position], models[position] = train_and_evaluate(run, setup, position, position=position)
+
+    ratios = {p: r["loss_ratio_to_1x"][-1] for p, r in results.items()}
+    title = "Loss at 8x the training length / loss at 1x: " + ", ".join(
+        f"{p} {ratios[p]:.2f}" for p in sorted(ratios, key=ratios.get))
+    fig, axes = panels(1, 2, width=6.2, height=4.4, title=title)
+    styles = {p: {"color": COLORS[p]} for p in ENCODINGS}
+    lengths = setup.lengths
+    line(axes[0], lengths, {p: r["val_loss"] for p, r in results.items()}, styles=styles, logx=True,
+         xlabel="evaluation window length (tokens, log scale)", ylabel="validation loss (nats / char)",
+         title=f"mean loss over whole windows; all trained at {train_length}")
+    axes[0].set_xticks(lengths, [f"{L}\n({L // train_length}x)" for L in lengths])
+    axes[0].minorticks_off()
+    bin_size = setup.sizes["position_bin"]
+    bin_centres = np.arange(lengths[-1] // bin_size) * bin_size + bin_size / 2
+    binned = {p: r["longest_loss_per_position"].reshape(-1, bin_size).mean(1).numpy() for p, r in results.items()}
+    line(axes[1], bin_centres, binned, styles=styles, markers=False,
+         xlabel=f"token position in a {lengths[-1]}-token window ({bin_size}-position bins)",
+         ylabel="validation loss (nats / char)", title="position by position: where the loss goes up")
+    _mark_training_length(axes[1], train_length)
+    run.save(fig, "extrapolation")
+    return results, models
+
+
+def _mark_training_length(ax, train_length: int) -> None:
+    ax.axvline(train_length, color="black", linestyle=":", linewidth=1)
+    ax.annotate(" training length", (train_length, 0.02), xycoords=("data", "axes fraction"), fontsize=7)
+
+
+# ---------------------------------------------------------------------------------------------- 4
+def learned_table(run, model, train_length: int) -> dict:
+    """The learned table after training: rows < train_length were trained, the rest kept their random init."""
+    table = model.position_embedding.weight.detach().float().cpu()  # (8x, E)
+    unit = table / table.norm(dim=1, keepdim=True)
+    cosine = unit @ unit.T  # (P, P)
+    norms = table.norm(dim=1)  # (P,)
+    neighbour = cosine.diagonal(1)  # (P - 1,): cos(W[p], W[p + 1])
+    numbers = {"mean_row_norm_trained": norms[:train_length].mean().item(),
+               "mean_row_norm_untrained": norms[train_length:].mean().item(),
+               "mean_neighbour_cosine_trained": neighbour[: train_length - 1].mean().item(),
+               "mean_neighbour_cosine_untrained": neighbour[train_length:].mean().item()}
+    shown = 2 * train_length
+    fig, axes = panels(1, 2, width=5.6, height=4.3,
+                       title=f"Learned table: rows 0-{train_length - 1} trained (neighbour cosine "
+                             f"{numbers['mean_neighbour_cosine_trained']:.2f}), rows {train_length}+ untouched "
+                             f"({numbers['mean_neighbour_cosine_untrained']:.2f})")
+    heatmap(axes[0], cosine[:shown, :shown].numpy(), xlabel="position n", ylabel="position m", cmap="RdBu_r",
+            vmin=-1, vmax=1, title=f"cosine similarity of rows 0-{shown - 1}", colorbar_label="cos(W[m], W[n])")
+    line(axes[1], np.arange(len(norms)), {"row norm ||W[p]||": norms.numpy()}, markers=False,
+         xlabel="position p", ylabel="norm of the position vector", title=f"all {len(norms)} rows of the table")
+    _mark_training_length(axes[1], train_length)
+    fig.subplots_adjust(wspace=0.45)
+    run.save(fig, "learned_table")
+    return numbers
+
+
+# ---------------------------------------------------------------------------------------------- 5
+@torch.no_grad()
+def bias_instead_of_vectors(run, models: dict, length: int) -> dict:
+    """Feed one token repeated `length` times: how much does the model's input vector differ between positions?
+
+    Learned and sinusoidal add a vector, so the input differs per position. RoPE, ALiBi and none leave the
+    input untouched (RoPE rotates q and k inside attention, ALiBi adds to the scores).
+    """
+    rows = {}
+    for position, model in models.items():
+        idx = torch.zeros(1, length, dtype=torch.long, device=run.device)
+        _, hidden = model.forward_with_hidden(idx)
+        first_input = hidden[0][0]  # (T, E): the embedding layer's output, before any block
+        token_norm = model.token_embedding.weight.norm(dim=1).mean().item()
+        rows[position] = {
+            "input_spread_across_positions": (first_input - first_input[:1]).norm(dim=-1).max().item(),
+            "mean_token_embedding_norm": token_norm,
+            "position_parameters": sum(p.numel() for name, p in model.named_parameters() if name.startswith("position")),
+        }
+    fig, axes = panels(1, 2, width=5.0, height=3.6,
+                       title="Learned and sinusoidal change the input vectors; RoPE, ALiBi and none do not")
+    bar(axes[0], list(rows), [r["input_spread_across_positions"] for r in rows.values()],
+        ylabel="max ||x_p - x_0|| (one repeated token)", title=f"input vectors over {length} positions",
+        color=[COLORS[p] for p in rows])
+    bar(axes[1], list(rows), [r["position_parameters"] for r in rows.values()], annotate_fmt="{:,.0f}",
+        ylabel="trainable position parameters", title="parameters spent on position", color=[COLORS[p] for p in rows])
+    run.save(fig, "bias_instead_of_vectors")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 6
+@torch.no_grad()
+def clamp_learned_table(model, train_length: int):
+    """Explicit clamp: every position >= train_length reuses the last trained row (in place)."""
+    table = model.position_embedding.weight
+    table[train_length:] = table[train_length - 1]
+    return model
+
+
+def break_it(run, setup: ExtrapolationSetup, baselines: dict, learned_model) -> dict:
+    """Two repairs that sound plausible, measured: clamp the learned table; RoPE with a much smaller base."""
+    train_length = setup.sizes["train_length"]
+    variants = {"learned, clamped": evaluate_lengths(clamp_learned_table(learned_model, train_length), setup)}
+    variants["rope, base 100"], _ = train_and_evaluate(run, setup, "rope, base 100", position="rope", rope_base=100.0)
+    short_table = MiniFormer(lab_model_config(setup.vocab_size, position="learned", context_length=train_length))
+    try:
+        short_table(setup.windows[setup.lengths[1]][0][:1].cpu())
+        error = "no error"
+    except ValueError as raised:
+        error = str(raised)
+    series = {"learned (untrained rows)": baselines["learned"]["val_loss"],
+              "learned, clamped": variants["learned, clamped"]["val_loss"],
+              "rope, base 10000": baselines["rope"]["val_loss"],
+              "rope, base 100": variants["rope, base 100"]["val_loss"]}
+    styles = {"learned (untrained rows)": {"color": COLORS["learned"]},
+              "learned, clamped": {"color": COLORS["learned"], "linestyle": "--", "marker": "s"},
+              "rope, base 10000": {"color": COLORS["rope"]},
+              "rope, base 100": {"color": COLORS["rope"], "linestyle": "--", "marker": "s"}}
+    ratio = {name: values[-1] / values[0] for name, values in series.items()}
+    fig, axes = panels(1, 1, width=6.4, height=4.3,
+                       title="8x / 1x loss: " + ", ".join(f"{name} {value:.2f}" for name, value in ratio.items()))
+    line(axes[0], setup.lengths, series, styles=styles, logx=True,
+         xlabel="evaluation window length (tokens, log scale)", ylabel="validation loss (nats / char)",
+         title=f"break it: two would-be repairs, trained at {train_length}")
+    axes[0].set_xticks(setup.lengths, [f"{L}\n({L // train_length}x)" for L in setup.lengths])
+    axes[0].minorticks_off()
+    run.save(fig, "break_it")
+    return {"variants": variants, "loss_ratio_8x_to_1x": ratio, "learned_table_without_rows_error": error}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main():
+    parser = demo_parser(__doc__)
+    args = parser.parse_args()
+    run = start_demo(args, __file__)
+    sizes = SIZES["quick" if run.quick else "full"]
+    train_length = sizes["train_length"]
+    setup = make_setup(run, sizes)
+    reference = lab_model_config(setup.vocab_size)  # the lab model's width and head count
+    embed_dim, num_heads = reference.embed_dim, reference.num_heads
+
+    print("\n1. encoding heatmaps")
+    heatmaps = encoding_heatmaps(run, embed_dim, num_heads)
+    print("\n2. similarity vs distance")
+    distance = similarity_vs_distance(run, embed_dim, num_heads, setup.lengths[-1], train_length)
+    print(f"\n3. extrapolation: train at {train_length}, evaluate at {setup.lengths} on {setup.corpus}")
+    encodings, models = extrapolation(run, setup)
+    print("\n4. the learned table")
+    table = learned_table(run, models["learned"], train_length)
+    print("\n5. bias instead of vectors")
+    inputs = bias_instead_of_vectors(run, models, train_length)
+    print("\n6. break it")
+    broken = break_it(run, setup, encodings, models["learned"])
+
+    lengths = setup.lengths
+    rows = [{"encoding": p, **{f"loss@{L}": v for L, v in zip(lengths, r["val_loss"])},
+             "8x/1x": r["loss_ratio_to_1x"][-1], f"pos<{train_length}": r["longest_loss_inside_train_length"],
+             f"pos>={train_length}": r["longest_loss_beyond_train_length"], "train s": r.get("train_seconds", "-")}
+            for p, r in [*encodings.items(), *broken["variants"].items()]]
+    print_table(rows, title=f"Validation loss (nats/char) of the lab model trained at {train_length} tokens for "
+                            f"{sizes['steps']} steps of {sizes['batch_size']} windows, {setup.corpus}; "
+                            f"pos<{train_length} / pos>={train_length}: positions of the {lengths[-1]}-token windows")
+
+    ratio = {p: r["loss_ratio_to_1x"][-1] for p, r in encodings.items()}
+    beyond = {p: r["longest_loss_beyond_train_length"] for p, r in encodings.items()}
+    inside = {p: r["longest_loss_inside_train_length"] for p, r in encodings.items()}
+    print("\nKey insights")
+    print(f"- Loss at {lengths[-1]} tokens (8x) / loss at {lengths[0]}: "
+          + ", ".join(f"{p} {ratio[p]:.2f}" for p in sorted(ratio, key=ratio.get)) + ".")
+    print(f"- In {lengths[-1]}-token windows, mean loss at positions >= {train_length} vs < {train_length}: "
+          + ", ".join(f"{p} {beyond[p]:.2f} vs {inside[p]:.2f}" for p in ENCODINGS) + " nats/char.")
+    print(f"- The learned table's rows >= {train_length} never get a gradient: neighbour cosine "
+          f"{table['mean_neighbour_cosine_untrained']:.2f} there vs {table['mean_neighbour_cosine_trained']:.2f} in "
+          f"the trained rows; clamping them to row {train_length - 1} gives 8x/1x "
+          f"{broken['loss_ratio_8x_to_1x']['learned, clamped']:.2f} instead of {ratio['learned']:.2f}.")
+    print(f"- RoPE with base 100 instead of 10000: 8x/1x {broken['loss_ratio_8x_to_1x']['rope, base 100']:.2f} "
+          f"instead of {ratio['rope']:.2f}.")
+    print(f"- ALiBi adds a bias instead of vectors: the input vectors of one repeated token differ by at most "
+          f"{inputs['alibi']['input_spread_across_positions']:.2g} across positions, with "
+          f"{inputs['alibi']['position_parameters']} position parameters (learned: "
+          f"{inputs['learned']['input_spread_across_positions']:.2f} and {inputs['learned']['position_parameters']:,}; "
+          f"sinusoidal: {inputs['sinusoidal']['input_spread_across_positions']:.2f} against token vectors of norm "
+          f"{inputs['sinusoidal']['mean_token_embedding_norm']:.2f}).")
+    print(f"- Sinusoidal similarity, RoPE score and ALiBi bias depend on the distance only: largest deviation "
+          f"from a constant-diagonal matrix {heatmaps['sinusoidal_similarity_toeplitz_max_deviation']:.1e}, "
+          f"{heatmaps['rope_score_toeplitz_max_deviation']:.1e}, {heatmaps['alibi_bias_toeplitz_max_deviation']:.1e}.")
+    print(f"- At distance {lengths[-1]} ALiBi adds "
+          + ", ".join(f"{b:.1f}" for b in distance["alibi_bias_at_max_distance"])
+          + f" to the scores of the {num_heads} heads: the steep heads are forced to look locally.")
+
+    run.finish({"sizes": sizes, "corpus": setup.corpus, "eval_lengths": lengths, "heatmaps": heatmaps,
+                "similarity_vs_distance": distance, "extrapolation": encodings, "learned_table": table,
+                "bias_instead_of_vectors": inputs, "break_it": broken})
+
+
+if __name__ == "__main__":
+    main()
