@@ -1,0 +1,399 @@
+"""04 — the transformer block: train the lab mini-former on character-level Shakespeare, look inside it
+(residual-stream norms, logit lens), then break it (no residuals, no normalisation, post-norm at a high
+learning rate) and trade depth for width at an equal parameter count.
+
+    python 04_transformer_block/demo.py                      # full run: 2000-step reference + 400-step ablations
+    python 04_transformer_block/demo.py --quick              # about a minute: 200 steps + 50-step ablations
+    python 04_transformer_block/demo.py --pretrained gpt2    # only: the real GPT-2 weights in our MiniFormer
+"""
+
+import pathlib, sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
+import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
+from plotting import bar, line, panels  # noqa: E402
+from runtime import Timer, describe_device  # noqa: E402
+from training import evaluate, train  # noqa: E402
+from transformer import (MiniFormer, char_shakespeare_batches, lab_model_config, lab_train_config,  # noqa: E402
+                         miniformer_from_hf_gpt2)
+
+# nanoGPT README, "quick start" CPU run of the same configuration: "This still runs in about ~3 minutes,
+# but gets us a loss of only 1.88". Quoted for comparison, never measured here.
+NANOGPT_VAL_LOSS, NANOGPT_MINUTES = 1.88, 3.0
+CONTEXT_LENGTH, BATCH_SIZE = 64, 12
+SIZES = {"quick": dict(reference_steps=200, ablation_steps=50, eval_batches=10, final_eval_batches=20),
+         "full": dict(reference_steps=2000, ablation_steps=400, eval_batches=20, final_eval_batches=200)}
+HIGH_LEARNING_RATE = 1e-2  # where post-norm without warmup breaks and pre-norm does not (see README)
+
+
+@dataclass
+class CharData:
+    """Character-level Shakespeare batches and the generator that draws them (reseeded per training run)."""
+
+    batch_fn: object
+    vocab: object
+    corpus: str
+    generator: torch.Generator
+
+
+def short_schedule(steps: int, **overrides):
+    """The reference schedule shrunk to `steps` (warmup a tenth of it, 8 evaluations)."""
+    settings = dict(steps=steps, warmup_steps=max(1, min(100, steps // 10)), eval_interval=max(1, steps // 8),
+                    eval_batches=10, progress=False)
+    settings.update(overrides)
+    return lab_train_config(**settings)
+
+
+def train_variant(run, data, schedule, **config_overrides):
+    """Train a fresh lab model with config overrides on `schedule`; returns (model, history).
+    Every variant starts from the same seed and sees the same sequence of batches."""
+    torch.manual_seed(run.seed)
+    data.generator.manual_seed(run.seed)
+    model = MiniFormer(lab_model_config(data.vocab.size, **config_overrides)).to(run.device)
+    history = train(model, data.batch_fn, schedule, device=run.device)
+    return model, history
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The reference training run
+# ---------------------------------------------------------------------------------------------------
+
+def reference_training(run, data, sizes):
+    """nanoGPT's CPU configuration (4 layers, 4 heads, 128 dims, context 64, batch 12, lr 1e-3) on our code."""
+    steps = sizes["reference_steps"]
+    schedule = lab_train_config(steps=steps, eval_interval=max(1, steps // 8), eval_batches=sizes["eval_batches"])
+    with Timer(run.device) as wall:
+        model, history = train_variant(run, data, schedule)
+    # The final estimate averages many more batches than the evaluations during training.
+    final_val = evaluate(model, data.batch_fn, "val", sizes["final_eval_batches"])
+    final_train = evaluate(model, data.batch_fn, "train", sizes["final_eval_batches"])
+    generator = torch.Generator(device=run.device).manual_seed(run.seed)
+    vocab = data.vocab
+    start = torch.tensor([[vocab.index["\n"]]], device=run.device)
+    sample = vocab.decode(model.generate(start, 300, temperature=0.8, generator=generator)[0, 1:].tolist())
+
+    fig, (ax_loss, ax_grad) = panels(1, 2, width=5.6, height=3.8,
+                                     title=f"Lab model: val loss {final_val:.3f} after {steps} steps "
+                                           f"({history.tokens_per_second:,.0f} tokens/s on {run.device.type})")
+    per_step = np.array(history.train_loss)
+    window = max(1, len(per_step) // 40)
+    smoothed = np.convolve(per_step, np.ones(window) / window, mode="valid")
+    ax_loss.plot(np.arange(1, len(per_step) + 1), per_step, color="0.75", lw=0.6, label="train loss per step")
+    ax_loss.plot(np.arange(window, len(per_step) + 1), smoothed, color="C0", label=f"train, mean of {window} steps")
+    ax_loss.plot(history.eval_steps, history.val_loss, "o-", color="C3", ms=4, label="validation (eval batches)")
+    ax_loss.axhline(NANOGPT_VAL_LOSS, color="k", ls="--", lw=1,
+                    label=f"nanoGPT README: {NANOGPT_VAL_LOSS} (quoted, not measured)")
+    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy (nats / character)", ylim=(1.0, 4.5),
+                title="Loss curves")
+    ax_loss.legend()
+    ax_grad.plot(np.arange(1, len(per_step) + 1), history.grad_norm, color="C2", lw=0.6)
+    ax_grad.set(xlabel="optimizer step", ylabel="global gradient norm (before clipping at 1)", yscale="log",
+                title="Gradient norm")
+    ax_grad.yaxis.set_major_formatter(ScalarFormatter())
+    ax_grad.yaxis.set_minor_formatter(ScalarFormatter())
+    run.save(fig, "training_curves")
+    return model, {
+        "steps": steps, "batch_size": BATCH_SIZE, "context_length": CONTEXT_LENGTH,
+        "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "eval_steps": history.eval_steps, "val_curve": history.val_loss, "train_curve": history.eval_train_loss,
+        "final_val_loss": final_val, "final_train_loss": final_train, "final_eval_batches": sizes["final_eval_batches"],
+        "last_eval_val_loss": history.final_val_loss, "wall_seconds": wall.seconds,
+        "train_seconds": history.train_seconds, "tokens_per_second": history.tokens_per_second,
+        "tokens_seen": history.tokens_seen, "diverged": history.diverged, "sample": sample,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2-3. Inside the trained model: residual-stream norms and the logit lens
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def hidden_states_on_val(run, model, data, batches: int):
+    """Residual stream after the embedding and each block, and the targets, for the same `batches` val batches
+    at every call."""
+    model.eval()
+    data.generator.manual_seed(run.seed)
+    xs, ys = zip(*(data.batch_fn("val") for _ in range(batches)))
+    x, y = torch.cat(xs), torch.cat(ys)  # (N, T)
+    _, hidden = model.forward_with_hidden(x)
+    return hidden, y
+
+
+def residual_norms(run, trained, data):
+    """Mean L2 norm of the residual stream per layer, at initialisation and after training."""
+    torch.manual_seed(run.seed)
+    untrained = MiniFormer(trained.config).to(run.device)
+    norms = {}
+    for name, model in (("at initialisation", untrained), ("after training", trained)):
+        hidden, _ = hidden_states_on_val(run, model, data, 8)
+        norms[name] = [h.norm(dim=-1).mean().item() for h in hidden]
+    layers = list(range(len(norms["after training"])))
+    labels = ["embed"] + [f"block {i}" for i in layers[1:]]
+    growth = norms["after training"][-1] / norms["after training"][0]
+    fig, (ax,) = panels(1, 1, width=6, height=3.8)
+    line(ax, layers, norms, xlabel="residual stream position (0 = embedding output)",
+         ylabel="mean L2 norm per token",
+         title=f"Training grows the residual stream {growth:.1f}x from embedding to last block")
+    ax.set_xticks(layers, labels)
+    run.save(fig, "residual_norms")
+    return {"layers": labels, **{name.replace(" ", "_"): values for name, values in norms.items()},
+            "growth_trained": growth}
+
+
+@torch.no_grad()
+def logit_lens(run, model, data):
+    """final_norm_and_head applied to every layer's residual stream: loss and top-1 accuracy per layer."""
+    hidden, targets = hidden_states_on_val(run, model, data, 16)
+    vocab_size = data.vocab.size
+    losses, accuracies = [], []
+    for h in hidden:
+        logits = model.final_norm_and_head(h)  # (N, T, V)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+        accuracies.append((logits.argmax(-1) == targets).float().mean().item())
+    labels = ["embed"] + [f"block {i}" for i in range(1, len(hidden))]
+    fig, (ax_loss, ax_acc) = panels(1, 2, width=5, height=3.6,
+                                    title=f"Logit lens: loss falls from {losses[0]:.2f} (embedding) to "
+                                          f"{losses[-1]:.2f} (last block)")
+    line(ax_loss, labels, {"logit-lens loss": losses}, xlabel="residual stream read at",
+         ylabel="validation cross-entropy (nats)", title="Loss if the model stopped here")
+    ax_loss.axhline(math.log(vocab_size), color="k", ls=":", lw=1, label=f"uniform guess ln {vocab_size} (formula)")
+    ax_loss.legend()
+    line(ax_acc, labels, {"top-1 accuracy": [100 * a for a in accuracies]}, xlabel="residual stream read at",
+         ylabel="next-character top-1 accuracy (%)", title="Accuracy if the model stopped here")
+    run.save(fig, "logit_lens")
+    return {"layers": labels, "loss": losses, "top1_accuracy": accuracies}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4-6. Break it: ablations, pre vs post norm at a high learning rate, depth vs width
+# ---------------------------------------------------------------------------------------------------
+
+ABLATIONS = {"pre-norm (baseline)": {}, "post-norm": {"norm_placement": "post"},
+             "no residual connections": {"residual": False}, "no normalisation": {"norm": "none"}}
+
+
+def ablations(run, data, steps):
+    """Each variant of the lab model trained `steps` steps at the reference learning rate 1e-3."""
+    results = {}
+    for name, overrides in ABLATIONS.items():
+        _, history = train_variant(run, data, short_schedule(steps), **overrides)
+        results[name] = {"overrides": overrides, "eval_steps": history.eval_steps, "val_curve": history.val_loss,
+                         "final_val_loss": history.final_val_loss, "diverged": history.diverged,
+                         "train_loss": history.train_loss}
+        print(f"  ablation {name:<26} val loss {history.final_val_loss:.3f}")
+    baseline = results["pre-norm (baseline)"]["final_val_loss"]
+    worst = max(results, key=lambda n: results[n]["final_val_loss"])
+    fig, (ax_val, ax_train) = panels(1, 2, width=5.4, height=3.8,
+                                     title=f"Ablations, {steps} steps at lr 1e-3: worst is '{worst}', "
+                                           f"{results[worst]['final_val_loss'] - baseline:+.2f} nats vs pre-norm")
+    line(ax_val, results[next(iter(results))]["eval_steps"], {n: r["val_curve"] for n, r in results.items()},
+         xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+    window = max(1, steps // 20)
+    for name, r in results.items():
+        smoothed = np.convolve(r["train_loss"], np.ones(window) / window, mode="valid")
+        ax_train.plot(np.arange(window, len(r["train_loss"]) + 1), smoothed, label=name)
+    ax_train.set(xlabel="optimizer step", ylabel=f"train loss (mean of {window} steps)", title="Training loss")
+    ax_train.legend()
+    run.save(fig, "ablations")
+    for r in results.values():
+        del r["train_loss"]  # per-step lists stay out of results.json; the curves are in the figure
+    return results
+
+
+def pre_vs_post_high_lr(run, data, steps, ablation_results):
+    """Pre- and post-norm at HIGH_LEARNING_RATE without warmup, beside their lr-1e-3 runs from the ablations."""
+    results = {}
+    for placement in ("pre", "post"):
+        _, history = train_variant(run, data, short_schedule(steps, learning_rate=HIGH_LEARNING_RATE, warmup_steps=0),
+                                   norm_placement=placement)
+        results[placement] = {"eval_steps": history.eval_steps, "val_curve": history.val_loss,
+                              "final_val_loss": history.final_val_loss, "diverged": history.diverged,
+                              "steps_completed": len(history.train_loss)}
+        print(f"  {placement}-norm at lr {HIGH_LEARNING_RATE:g}, no warmup: val loss {history.final_val_loss:.3f}"
+              f"{' (diverged)' if history.diverged else ''}")
+    low = {"pre": ablation_results["pre-norm (baseline)"], "post": ablation_results["post-norm"]}
+    fig, (ax_low, ax_high) = panels(1, 2, width=5, height=3.6,
+                                    title=f"At lr {HIGH_LEARNING_RATE:g} without warmup: pre-norm "
+                                          f"{results['pre']['final_val_loss']:.2f}, post-norm "
+                                          f"{results['post']['final_val_loss']:.2f} nats")
+    for ax, curves, lr in ((ax_low, low, "1e-3 (with warmup)"), (ax_high, results, f"{HIGH_LEARNING_RATE:g} (no warmup)")):
+        for placement, marker in (("pre", "o-"), ("post", "s-")):  # a diverged run has fewer evaluations
+            ax.plot(curves[placement]["eval_steps"], curves[placement]["val_curve"], marker, ms=3,
+                    label=f"{placement}-norm")
+        ax.set(xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title=f"lr {lr}")
+        ax.legend()
+    ax_high.set_ylim(ax_low.get_ylim()[0], None)
+    run.save(fig, "pre_vs_post_norm")
+    return {"learning_rate": HIGH_LEARNING_RATE, "warmup_steps": 0, **results}
+
+
+DEPTH_WIDTH = {"1 layer x 256": dict(num_layers=1, embed_dim=256, num_heads=8),
+               "4 layers x 128": dict(num_layers=4, embed_dim=128, num_heads=4),
+               "16 layers x 64": dict(num_layers=16, embed_dim=64, num_heads=2)}
+
+
+def depth_vs_width(run, data, steps):
+    """Layers x width with layers * width^2 constant (equal non-embedding parameters, head size 32)."""
+    results = {}
+    for name, overrides in DEPTH_WIDTH.items():
+        model, history = train_variant(run, data, short_schedule(steps), **overrides)
+        results[name] = {**overrides, "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+                         "eval_steps": history.eval_steps, "val_curve": history.val_loss,
+                         "final_val_loss": history.final_val_loss, "tokens_per_second": history.tokens_per_second}
+        print(f"  {name:<16} {results[name]['non_embedding_parameters']:,} non-embedding parameters, "
+              f"val loss {history.final_val_loss:.3f}, {history.tokens_per_second:,.0f} tokens/s")
+    best = min(results, key=lambda n: results[n]["final_val_loss"])
+    fig, (ax_curve, ax_speed) = panels(1, 2, width=5.2, height=3.6,
+                                       title=f"Equal parameters, {steps} steps: {best} learns fastest")
+    line(ax_curve, results[best]["eval_steps"], {n: r["val_curve"] for n, r in results.items()},
+         xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+    bar(ax_speed, list(results), [r["tokens_per_second"] for r in results.values()], ylabel="training tokens / s",
+        title=f"Throughput on {run.device.type} (deeper = more sequential kernels)", annotate_fmt="{:,.0f}")
+    run.save(fig, "depth_vs_width")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# --pretrained gpt2: the real weights in our model (needs the local Hugging Face cache or the internet)
+# ---------------------------------------------------------------------------------------------------
+
+def load_pretrained_gpt2():
+    """(hf_model, encode, decode), first from the local cache, then by download; RuntimeError says what to do."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise RuntimeError("the transformers package is needed: pip install transformers") from error
+    hf_model, errors = None, []
+    for local_only in (True, False):
+        try:
+            hf_model = transformers.GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=local_only)
+            break
+        except OSError as error:
+            errors.append(f"{'local cache' if local_only else 'download'}: {str(error).splitlines()[0]}")
+    if hf_model is None:
+        raise RuntimeError("GPT-2 weights are neither in the local Hugging Face cache nor downloadable ("
+                           + "; ".join(errors) + "). On a machine with internet run once: python -c \"from "
+                           "transformers import GPT2LMHeadModel as M; M.from_pretrained('gpt2')\" (about 550 MB "
+                           "into ~/.cache/huggingface), then copy that folder here or point HF_HOME at it.")
+    try:
+        import tiktoken
+        encoding = tiktoken.get_encoding("gpt2")
+        return hf_model, encoding.encode, encoding.decode
+    except Exception as tiktoken_error:  # tiktoken missing or its vocabulary file not downloadable
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained("gpt2")
+            return hf_model, tokenizer.encode, tokenizer.decode
+        except OSError as hf_error:
+            raise RuntimeError(f"no GPT-2 tokenizer: tiktoken ({tiktoken_error}) and Hugging Face ({hf_error}). "
+                               "Install tiktoken with internet access once (it caches the BPE files), or cache "
+                               "the 'gpt2' tokenizer with transformers.") from hf_error
+
+
+@torch.no_grad()
+def pretrained_gpt2(run, prompt: str = "The meaning of life is"):
+    """Convert GPT-2 (124M) into a MiniFormer, check its logits against Hugging Face, and generate."""
+    try:
+        hf_model, encode, decode = load_pretrained_gpt2()
+    except RuntimeError as error:
+        print(f"\n--pretrained gpt2 is not possible here:\n  {error}")
+        return {"available": False, "reason": str(error)}
+    hf_model = hf_model.to(run.device).eval()
+    ours = miniformer_from_hf_gpt2(hf_model)
+    ids = torch.tensor([encode(prompt)], device=run.device)
+    difference = (ours(ids) - hf_model(ids).logits).abs().max().item()
+    ours_greedy = ours.generate(ids, 30, temperature=0)[0, ids.shape[1]:].tolist()
+    hf_greedy = hf_model.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:].tolist()
+    generator = torch.Generator(device=run.device).manual_seed(run.seed)
+    sampled = ours.generate(ids, 60, temperature=0.8, top_k=40, generator=generator)[0].tolist()
+    probs = torch.softmax(ours(ids)[0, -1], dim=-1)
+    top = torch.topk(probs, 10)
+    fig, (ax,) = panels(1, 1, width=7, height=3.6)
+    bar(ax, [repr(decode([i])) for i in top.indices.tolist()], top.values.tolist(), ylabel="probability",
+        rotate=30, title=f"GPT-2 in our MiniFormer: next token after {prompt!r} (max |logit diff| vs HF "
+                         f"{difference:.1e})")
+    run.save(fig, "pretrained_gpt2")
+    print(f"\nprompt {prompt!r}\n  greedy (ours):   {decode(ours_greedy)!r}\n  greedy (HF):     {decode(hf_greedy)!r}"
+          f"\n  sampled (ours):  {decode(sampled)!r}\n  max |logit difference| {difference:.2e}")
+    return {"available": True, "max_abs_logit_difference": difference, "greedy_identical": ours_greedy == hf_greedy,
+            "greedy_text": decode(ours_greedy), "sampled_text": decode(sampled)}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main():
+    parser = demo_parser(__doc__)
+    parser.add_argument("--pretrained", choices=["gpt2"], default=None,
+                        help="instead of training: load the real GPT-2 weights into a MiniFormer and generate")
+    args = parser.parse_args()
+    run = start_demo(args, __file__)
+    if args.pretrained:
+        run.finish({"pretrained_gpt2": pretrained_gpt2(run)})
+        return
+    sizes = SIZES["quick" if args.quick else "full"]
+    generator = torch.Generator()
+    data = CharData(*char_shakespeare_batches(CONTEXT_LENGTH, BATCH_SIZE, run.device, generator=generator),
+                    generator=generator)
+    print(f"corpus {data.corpus}, {data.vocab.size} characters, batches of {BATCH_SIZE} x {CONTEXT_LENGTH}")
+
+    reference_model, reference = reference_training(run, data, sizes)
+    print(f"\nsample (temperature 0.8):\n{reference['sample']}\n")
+    norms = residual_norms(run, reference_model, data)
+    lens = logit_lens(run, reference_model, data)
+    ablation = ablations(run, data, sizes["ablation_steps"])
+    pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation)
+    shapes = depth_vs_width(run, data, sizes["ablation_steps"])
+
+    steps = sizes["ablation_steps"]
+    rows = [{"experiment": "reference (nanoGPT CPU config)", "steps": reference["steps"],
+             "val loss": reference["final_val_loss"], "note": f"{reference['tokens_per_second']:,.0f} tokens/s, "
+                                                              f"{reference['wall_seconds']:.0f} s wall"}]
+    rows += [{"experiment": f"ablation: {name}", "steps": steps, "val loss": r["final_val_loss"],
+              "note": "diverged" if r["diverged"] else ""} for name, r in ablation.items()]
+    rows += [{"experiment": f"{p}-norm, lr {HIGH_LEARNING_RATE:g}, no warmup", "steps": steps,
+              "val loss": pre_post[p]["final_val_loss"], "note": "diverged" if pre_post[p]["diverged"] else ""}
+             for p in ("pre", "post")]
+    rows += [{"experiment": f"shape: {name}", "steps": steps, "val loss": r["final_val_loss"],
+              "note": f"{r['non_embedding_parameters']:,} params, {r['tokens_per_second']:,.0f} tok/s"}
+             for name, r in shapes.items()]
+    print_table(rows, title=f"Measured on {describe_device(run.device)}, torch {torch.__version__}")
+
+    baseline = ablation["pre-norm (baseline)"]["final_val_loss"]
+    print("\nKey insights")
+    print(f"  - The lab model ({reference['parameters']:,} parameters) reaches validation loss "
+          f"{reference['final_val_loss']:.3f} after {reference['steps']} steps (nanoGPT's README quotes "
+          f"{NANOGPT_VAL_LOSS} for this configuration), training at {reference['tokens_per_second']:,.0f} "
+          f"tokens/s, {reference['wall_seconds']:.0f} s wall time including evaluation.")
+    print(f"  - The residual stream's norm grows {norms['growth_trained']:.1f}x from the embedding to the last "
+          f"block after training (from {norms['at_initialisation'][0]:.2f} to {norms['at_initialisation'][-1]:.2f} "
+          f"at initialisation).")
+    print(f"  - Logit lens: reading the stream with the final norm and head gives loss {lens['loss'][0]:.2f} "
+          f"after the embedding, {lens['loss'][-2]:.2f} one block before the end and {lens['loss'][-1]:.2f} at the "
+          f"end (top-1 accuracy {100 * lens['top1_accuracy'][0]:.0f}% -> {100 * lens['top1_accuracy'][-1]:.0f}%).")
+    for name, r in ablation.items():
+        if name != "pre-norm (baseline)":
+            print(f"  - {name}: validation loss {r['final_val_loss']:.3f} vs {baseline:.3f} for the pre-norm baseline "
+                  f"after {steps} steps ({r['final_val_loss'] - baseline:+.3f} nats).")
+    print(f"  - At lr {HIGH_LEARNING_RATE:g} with no warmup, pre-norm reaches {pre_post['pre']['final_val_loss']:.3f} "
+          f"and post-norm {pre_post['post']['final_val_loss']:.3f}"
+          f"{' (diverged)' if pre_post['post']['diverged'] else ''}.")
+    shape_text = ", ".join(f"{n}: {r['final_val_loss']:.3f}" for n, r in shapes.items())
+    print(f"  - At equal non-embedding parameters after {steps} steps: {shape_text}.")
+
+    run.finish({"corpus": data.corpus, "vocab_size": data.vocab.size,
+                "nanogpt_reference": {"val_loss": NANOGPT_VAL_LOSS, "minutes": NANOGPT_MINUTES,
+                                      "source": "nanoGPT README (quoted, not measured here)"},
+                "reference": reference, "residual_norms": norms, "logit_lens": lens, "ablations": ablation,
+                "pre_vs_post_high_lr": pre_post, "depth_vs_width": shapes})
+
+
+if __name__ == "__main__":
+    main()
