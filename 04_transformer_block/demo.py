@@ -23,8 +23,8 @@ from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
 from plotting import bar, line, panels  # noqa: E402
 from runtime import Timer, describe_device  # noqa: E402
 from training import evaluate, train  # noqa: E402
-from transformer import (MiniFormer, char_shakespeare_batches, lab_model_config, lab_train_config,  # noqa: E402
-                         miniformer_from_hf_gpt2)
+from transformer import (ConcatKVCache, MiniFormer, char_shakespeare_batches, lab_model_config,  # noqa: E402
+                         lab_train_config, miniformer_from_hf_gpt2, miniformer_from_hf_llama)
 
 # nanoGPT README, "quick start" CPU run of the same configuration: "This still runs in about ~3 minutes,
 # but gets us a loss of only 1.88". Quoted for comparison, never measured here.
@@ -225,7 +225,8 @@ def pre_vs_post_high_lr(run, data, steps, ablation_results):
                                     title=f"At lr {HIGH_LEARNING_RATE:g} without warmup: pre-norm "
                                           f"{results['pre']['final_val_loss']:.2f}, post-norm "
                                           f"{results['post']['final_val_loss']:.2f} nats")
-    for ax, curves, lr in ((ax_low, low, "1e-3 (with warmup)"), (ax_high, results, f"{HIGH_LEARNING_RATE:g} (no warmup)")):
+    high = f"{HIGH_LEARNING_RATE:g} (no warmup)"
+    for ax, curves, lr in ((ax_low, low, "1e-3 (with warmup)"), (ax_high, results, high)):
         for placement, marker in (("pre", "o-"), ("post", "s-")):  # a diverged run has fewer evaluations
             ax.plot(curves[placement]["eval_steps"], curves[placement]["val_curve"], marker, ms=3,
                     label=f"{placement}-norm")
@@ -260,6 +261,118 @@ def depth_vs_width(run, data, steps):
         title=f"Throughput on {run.device.type} (deeper = more sequential kernels)", annotate_fmt="{:,.0f}")
     run.save(fig, "depth_vs_width")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Interop: Hugging Face GPT-2 and Llama (random weights from a config) in our MiniFormer
+# ---------------------------------------------------------------------------------------------------
+
+INTEROP_CONFIGS = {
+    "GPT-2: 4 layers, 8 heads": (
+        "GPT2", dict(vocab_size=500, n_positions=128, n_embd=256, n_layer=4, n_head=8)),
+    "Llama: 4 layers, 8 heads, 2 KV heads": (
+        "Llama", dict(vocab_size=500, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)),
+    "Llama: 2 layers, 4 heads, 1 KV head, tied head": (
+        "Llama", dict(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=True)),
+}
+
+
+# Classic conversion mistakes: each function breaks a correct conversion in one way and returns its logits.
+def _exact_gelu(ours, ids):
+    for block in ours.blocks:
+        block.ffn.approximate = "none"  # GPT-2 was trained with the tanh approximation (gelu_new)
+    return ours(ids)
+
+
+def _untransposed_c_proj(ours, ids):
+    for block in ours.blocks:  # square, so it loads without a shape error: the silent kind of bug
+        block.attn.out.weight.data = block.attn.out.weight.data.t().clone()
+    return ours(ids)
+
+
+def _interleaved_rope(ours, ids):
+    for block in ours.blocks:
+        block.attn.rope_layout = "interleaved"  # HF Llama pairs feature i with i + D/2, not 2i with 2i+1
+    return ours(ids)
+
+
+def _wrong_rmsnorm_eps(ours, ids):
+    for module in ours.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            module.eps = 1e-5  # the config says 1e-6
+    return ours(ids)
+
+
+def _top_left_causal_with_cache(ours, ids):
+    ours._attention_mask = lambda *args: None  # always SDPA's is_causal=True, even when a cache is used
+    cache = ConcatKVCache()
+    return torch.cat([ours(ids[:, t:t + 1], kv_cache=cache) for t in range(ids.shape[1])], dim=1)
+
+
+INTEROP_MISTAKES = {
+    "GPT-2: exact GELU (not gelu_new)": ("GPT2", _exact_gelu),
+    "GPT-2: c_proj not transposed": ("GPT2", _untransposed_c_proj),
+    "Llama: interleaved RoPE layout": ("Llama", _interleaved_rope),
+    "Llama: RMSNorm eps 1e-5 (config 1e-6)": ("Llama", _wrong_rmsnorm_eps),
+    "KV cache with SDPA is_causal (top-left)": ("Llama", _top_left_causal_with_cache),
+}
+
+
+def hugging_face_pair(transformers, family: str, settings: dict, run):
+    """(hf_model, our conversion of it): random weights from a config, biases and gains randomised too."""
+    torch.manual_seed(run.seed)
+    config = getattr(transformers, f"{family}Config")(**settings, bos_token_id=None, eos_token_id=None)
+    hf_model = getattr(transformers, "GPT2LMHeadModel" if family == "GPT2" else "LlamaForCausalLM")(config)
+    with torch.no_grad():
+        for parameter in hf_model.parameters():  # HF starts biases at 0 and norm gains at 1: randomise everything
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    hf_model = hf_model.to(run.device).eval()
+    return hf_model, (miniformer_from_hf_gpt2 if family == "GPT2" else miniformer_from_hf_llama)(hf_model)
+
+
+@torch.no_grad()
+def interop(run):
+    """Max |logit difference| between Hugging Face models and our conversions of them, whether greedy generation
+    (ours with our KV cache, theirs with theirs) picks the same 40 tokens, and what each classic mistake costs."""
+    try:
+        import transformers
+    except ImportError:
+        print("  transformers is not installed: interop check skipped (pip install transformers)")
+        return {"available": False}
+    correct, mistakes = {}, {}
+    for name, (family, settings) in INTEROP_CONFIGS.items():
+        hf_model, ours = hugging_face_pair(transformers, family, settings, run)
+        ids = torch.randint(0, settings["vocab_size"], (4, 64), device=run.device)
+        hf_logits = hf_model(ids).logits
+        prompt = ids[:1, :8]
+        ours_tokens = ours.generate(prompt, 40, temperature=0)
+        hf_tokens = hf_model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        correct[name] = {"max_abs_logit_difference": (ours(ids) - hf_logits).abs().max().item(),
+                         "logit_scale": hf_logits.abs().max().item(),
+                         "greedy_identical": torch.equal(ours_tokens, hf_tokens)}
+        print(f"  {name:<46} max |logit diff| {correct[name]['max_abs_logit_difference']:.1e} "
+              f"(logits up to {correct[name]['logit_scale']:.1f}), "
+              f"greedy 40 tokens identical: {correct[name]['greedy_identical']}")
+    first_of = {family: name for name, (family, _) in reversed(INTEROP_CONFIGS.items())}
+    for name, (family, break_it) in INTEROP_MISTAKES.items():
+        hf_model, ours = hugging_face_pair(transformers, family, INTEROP_CONFIGS[first_of[family]][1], run)
+        ids = torch.randint(0, hf_model.config.vocab_size, (4, 64), device=run.device)
+        mistakes[name] = {"max_abs_logit_difference": (break_it(ours, ids) - hf_model(ids).logits).abs().max().item()}
+        print(f"  mistake: {name:<37} max |logit diff| {mistakes[name]['max_abs_logit_difference']:.1e}")
+    fig, (ax,) = panels(1, 1, width=9, height=4.6)
+    values = [r["max_abs_logit_difference"] for r in (*correct.values(), *mistakes.values())]
+    bar(ax, [*correct, *mistakes], values, logy=True, ylabel="max |our logit - HF logit|",
+        annotate_fmt="{:.1e}", color=["C0"] * len(correct) + ["C3"] * len(mistakes), rotate=25,
+        title=f"Same weights, same logits (<= {max(values[:len(correct)]):.0e}); each classic mistake "
+              f"(red) shows up at >= {min(values[len(correct):]):.0e}")
+    ax.axhline(torch.finfo(torch.float32).eps, color="k", ls=":", lw=1, label="float32 machine epsilon (formula)")
+    ax.set_ylim(1e-8, 1e2)
+    ax.legend(loc="upper left")
+    run.save(fig, "interop")
+    return {"correct": correct, "mistakes": mistakes}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,6 +464,7 @@ def main():
     ablation = ablations(run, data, sizes["ablation_steps"])
     pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation)
     shapes = depth_vs_width(run, data, sizes["ablation_steps"])
+    hf_interop = interop(run)
 
     steps = sizes["ablation_steps"]
     rows = [{"experiment": "reference (nanoGPT CPU config)", "steps": reference["steps"],
@@ -387,12 +501,17 @@ def main():
           f"{' (diverged)' if pre_post['post']['diverged'] else ''}.")
     shape_text = ", ".join(f"{n}: {r['final_val_loss']:.3f}" for n, r in shapes.items())
     print(f"  - At equal non-embedding parameters after {steps} steps: {shape_text}.")
+    for name, r in hf_interop.get("correct", {}).items():
+        print(f"  - {name} converted from Hugging Face: max |logit difference| "
+              f"{r['max_abs_logit_difference']:.1e}, greedy generation identical: {r['greedy_identical']}.")
+    for name, r in hf_interop.get("mistakes", {}).items():
+        print(f"  - Conversion mistake '{name}': max |logit difference| {r['max_abs_logit_difference']:.1e}.")
 
     run.finish({"corpus": data.corpus, "vocab_size": data.vocab.size,
                 "nanogpt_reference": {"val_loss": NANOGPT_VAL_LOSS, "minutes": NANOGPT_MINUTES,
                                       "source": "nanoGPT README (quoted, not measured here)"},
                 "reference": reference, "residual_norms": norms, "logit_lens": lens, "ablations": ablation,
-                "pre_vs_post_high_lr": pre_post, "depth_vs_width": shapes})
+                "pre_vs_post_high_lr": pre_post, "depth_vs_width": shapes, "interop": hf_interop})
 
 
 if __name__ == "__main__":

@@ -321,7 +321,8 @@ class MiniFormer(nn.Module):
         end-aligned mask: bool (True = attend), or for ALiBi the float bias with -inf on future keys."""
         key_length = offset + query_length
         if self.config.position == "alibi":
-            bias = alibi_bias(self.config.num_heads, query_length, key_length, device=device).to(dtype)  # (H, T, T_keys)
+            bias = alibi_bias(self.config.num_heads, query_length, key_length, device=device)  # (H, T, T_keys)
+            bias = bias.to(dtype)
             return bias.masked_fill(~causal_mask(query_length, key_length, device=device), float("-inf"))
         if offset == 0:
             return None
