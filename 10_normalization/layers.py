@@ -137,7 +137,7 @@ class GeluMLP(nn.Module):
     """The GPT-2 feed-forward network: W_down gelu(W_up x), hidden size 4 * embed_dim by default."""
 
     def __init__(self, embed_dim: int, hidden_size: int | None = None, bias: bool = True,
-                 approximate: str = "tanh"):
+                 approximate: str = "none"):
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
         hidden_size = 4 * embed_dim if hidden_size is None else hidden_size
@@ -209,3 +209,19 @@ class GEGLU(GatedFeedForward):
 
     def __init__(self, embed_dim: int, hidden_size: int | None = None, bias: bool = False):
         super().__init__(embed_dim, hidden_size, activation="gelu", bias=bias)
+
+
+# --- Factories for 04's MiniFormer seams (register_norm / register_ffn); layers.py never imports 04 ------
+# A norm factory is factory(dim, eps); an FFN factory is factory(config) and reads config.embed_dim,
+# config.ffn_hidden_size (None = this layer's own default), config.bias and config.gelu_approximate.
+
+NORM_FACTORIES = {
+    "scratch_layernorm": lambda dim, eps: LayerNorm(dim, eps),
+    "scratch_rmsnorm": lambda dim, eps: RMSNorm(dim, eps),
+}
+
+FFN_FACTORIES = {
+    "scratch_gelu": lambda config: GeluMLP(config.embed_dim, config.ffn_hidden_size, bias=config.bias,
+                                           approximate=getattr(config, "gelu_approximate", "none")),
+    "scratch_swiglu": lambda config: SwiGLU(config.embed_dim, config.ffn_hidden_size, bias=config.bias),
+}

@@ -239,3 +239,39 @@ def test_geglu_is_the_gelu_member():
 def test_bad_arguments_raise_value_error_naming_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
         build()
+
+
+# --- The seam: our layers inside 04's MiniFormer -------------------------------------------------------
+
+
+def _register_scratch_layers():
+    from layers import FFN_FACTORIES, NORM_FACTORIES
+    from transformer import register_ffn, register_norm
+
+    for name, factory in NORM_FACTORIES.items():
+        register_norm(name, factory)
+    for name, factory in FFN_FACTORIES.items():
+        register_ffn(name, factory)
+
+
+@pytest.mark.parametrize("norm, ffn", [("layernorm", "gelu"), ("layernorm", "swiglu"), ("rmsnorm", "gelu"),
+                                       ("rmsnorm", "swiglu")])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_scratch_layers_in_miniformer_give_the_builtin_models_logits_and_gradients(norm, ffn, placement):
+    from transformer import MiniFormer, TransformerConfig
+
+    _register_scratch_layers()
+    settings = dict(vocab_size=17, context_length=8, num_layers=2, num_heads=2, embed_dim=24,
+                    norm_placement=placement, gelu_approximate="tanh")
+    torch.manual_seed(14)
+    builtin = MiniFormer(TransformerConfig(norm=norm, ffn=ffn, **settings)).double()
+    scratch = MiniFormer(TransformerConfig(norm=f"scratch_{norm}", ffn=f"scratch_{ffn}", **settings)).double()
+    scratch.load_state_dict(builtin.state_dict(), strict=True)  # same names and shapes, same parameter count
+    assert isinstance(scratch.blocks[0].norm1, LayerNorm if norm == "layernorm" else RMSNorm)
+    idx = torch.randint(0, 17, (3, 8), generator=torch.Generator().manual_seed(15))
+    logits, logits_ref = scratch(idx), builtin(idx)
+    torch.testing.assert_close(logits, logits_ref)
+    logits.square().mean().backward()
+    logits_ref.square().mean().backward()
+    for (name, p), p_ref in zip(scratch.named_parameters(), builtin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m: f"{name}: {m}")
