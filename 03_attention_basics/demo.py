@@ -33,11 +33,12 @@ from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, 
 
 SIZES = {  # quick and full differ only in sizes
     "quick": dict(train_steps=150, diversity_windows=16, map_length=32, scale_dims=[4, 16, 64, 256, 1024],
-                  bench_lengths=[256, 512, 1024], bench_heads=4, bench_head_dim=64, block_size=512),
-    "full": dict(train_steps=2000, diversity_windows=64, map_length=32,
+                  bench_lengths=[256, 512, 1024], bench_heads=4, bench_head_dim=64, block_size=512,
+                  sweep_length=1024, sweep_blocks=[64, 256, 1024]),
+    "full": dict(train_steps=1500, diversity_windows=64, map_length=32,
                  scale_dims=[4, 8, 16, 32, 64, 128, 256, 512, 1024],
                  bench_lengths=[256, 512, 1024, 2048, 4096, 8192], bench_heads=4, bench_head_dim=64,
-                 block_size=512),
+                 block_size=512, sweep_length=4096, sweep_blocks=[32, 64, 128, 256, 512, 1024, 2048]),
 }
 
 
@@ -72,7 +73,8 @@ def forward_with_attention(model, idx, scale=None):
     weights[l] is (B, H, T, T). scale=None is the model's own 1/sqrt(d); another value breaks it on purpose.
     """
     config = model.config
-    if config.norm_placement != "pre" or config.position not in ("learned", "none") or config.kv_heads != config.num_heads:
+    if (config.norm_placement != "pre" or config.position not in ("learned", "none")
+            or config.kv_heads != config.num_heads):
         raise ValueError("forward_with_attention reads the lab model only: pre-norm, learned positions, no GQA")
     batch, length = idx.shape
     x = model.token_embedding(idx)
@@ -214,7 +216,8 @@ def experiment_head_diversity(run, model, untrained, windows):
                 xlabel="mean attention distance (characters back)", ylabel="mean row entropy (nats)",
                 labels=names[picked], color=colors[layer], label=f"trained, layer {layer}")
     scatter(axes[0], init_stats["mean_distance"], init_stats["entropy_nats"], xlabel="mean attention distance "
-            "(characters back)", ylabel="mean row entropy (nats)", marker="x", color="grey", label="untrained (all)")
+            "(characters back)", ylabel="mean row entropy (nats)", marker="x", color="grey",
+            label=f"untrained (all {len(names)} heads overlap)")
     axes[0].axhline(uniform_entropy, color="black", linestyle="--", linewidth=1,
                     label=f"formula: uniform causal attention {uniform_entropy:.2f}")
     axes[0].set_title("each trained head: how far and how spread")
@@ -381,9 +384,26 @@ def attention_methods(device, block_size):
     return methods
 
 
+def measure(fn, q, k, v, device):
+    """(median forward ms over 3 runs, peak extra memory in MiB of one run, how memory was measured)."""
+    release_freed_memory()
+    with track_peak_memory(device) as memory:
+        fn(q, k, v)
+    seconds = time_function(lambda: fn(q, k, v), device, repeats=3, warmup=1)
+    return 1000 * seconds, memory["peak_bytes"] / 2**20, memory["method"]
+
+
+def growth_exponent(lengths, values) -> float:
+    """p in value ~ T^p, from the last two points (log-log slope); NaN when a value is not positive."""
+    if values[-1] <= 0 or values[-2] <= 0:
+        return float("nan")
+    return math.log(values[-1] / values[-2]) / math.log(lengths[-1] / lengths[-2])
+
+
 @torch.no_grad()
-def experiment_scaling(run, lengths, num_heads, head_dim, block_size):
-    """Forward time and peak memory of causal attention (B=1) for each method and sequence length."""
+def experiment_scaling(run, lengths, num_heads, head_dim, block_size, sweep_length, sweep_blocks):
+    """Forward time and peak memory of causal attention (B=1) for each method and sequence length,
+    and of the tiled attention for each block size at one length."""
     dtype = torch.float16 if run.device.type == "cuda" else torch.float32  # flash kernels need half precision
     element_bytes = torch.tensor([], dtype=dtype).element_size()
     methods = attention_methods(run.device, block_size)
@@ -398,19 +418,29 @@ def experiment_scaling(run, lengths, num_heads, head_dim, block_size):
         reference = F.scaled_dot_product_attention(q, k, v, is_causal=True).float()
         for name, fn in methods.items():
             max_error = (fn(q, k, v).float() - reference).abs().max().item()
-            release_freed_memory()
-            with track_peak_memory(run.device) as memory:
-                fn(q, k, v)
-            seconds = time_function(lambda: fn(q, k, v), run.device, repeats=3, warmup=1)
-            rows.append({"method": name, "T": length, "ms": 1000 * seconds, "peak_MiB": memory["peak_bytes"] / 2**20,
+            milliseconds, peak_mib, memory_method = measure(fn, q, k, v, run.device)
+            rows.append({"method": name, "T": length, "ms": milliseconds, "peak_MiB": peak_mib,
                          "formula_scores_MiB": naive_score_memory_bytes(1, num_heads, length,
                                                                         bytes_per_element=element_bytes) / 2**20,
                          "max_abs_diff_vs_sdpa": max_error})
         del q, k, v, reference
+    q, k, v = (torch.randn(1, num_heads, sweep_length, head_dim, generator=generator).to(run.device, dtype)
+               for _ in range(3))
+    sweep = []
+    for block in sweep_blocks:
+        milliseconds, peak_mib, _ = measure(lambda q, k, v: tiled_attention(q, k, v, is_causal=True, block_size=block),
+                                            q, k, v, run.device)
+        sweep.append({"block_size": block, "T": sweep_length, "ms": milliseconds, "peak_MiB": peak_mib,
+                      "formula_tile_MiB": naive_score_memory_bytes(1, num_heads, block, bytes_per_element=element_bytes)
+                      / 2**20})
 
-    fig, axes = panels(1, 2, width=6.4, height=4.8,
-                       title=f"Naive attention's memory grows as T^2, tiled and SDPA stay near linear\n"
-                             f"(causal forward, B=1, H={num_heads}, d={head_dim}, {str(dtype).replace('torch.', '')})")
+    exponents = {name: growth_exponent(lengths, [r["peak_MiB"] for r in rows if r["method"] == name])
+                 for name in methods}
+    naive_name, tiled_name, sdpa_name = list(methods)[:3]
+    fig, axes = panels(1, 3, width=5.6, height=4.8,
+                       title=f"Over the last doubling of T, peak memory grows as T^{exponents[naive_name]:.1f} (naive), "
+                             f"T^{exponents[tiled_name]:.1f} (tiled), T^{exponents[sdpa_name]:.1f} (SDPA)\n"
+                             f"causal forward, B=1, H={num_heads}, d={head_dim}, {str(dtype).replace('torch.', '')}")
     time_series = {name: [r["ms"] for r in rows if r["method"] == name] for name in methods}
     line(axes[0], lengths, time_series, xlabel="sequence length T (tokens)", ylabel="forward time (ms, median of 3)",
          title="time", logx=True, logy=True)
@@ -418,14 +448,24 @@ def experiment_scaling(run, lengths, num_heads, head_dim, block_size):
     formula_label = f"formula: naive scores B*H*T^2*{element_bytes} bytes"
     memory_series[formula_label] = [r["formula_scores_MiB"] for r in rows if r["method"] == next(iter(methods))]
     line(axes[1], lengths, memory_series, xlabel="sequence length T (tokens)", ylabel="peak extra memory (MiB)",
-         title=f"peak memory ({memory['method']})",
+         title=f"peak memory ({memory_method})",
          logx=True, logy=True, styles={formula_label: {"linestyle": "--", "marker": "", "color": "black"}})
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.minorticks_off()
+    blocks = [r["block_size"] for r in sweep]
+    tile_formula = f"formula: one score tile H*b^2*{element_bytes} bytes"
+    line(axes[2], blocks, {"time (ms)": [r["ms"] for r in sweep],
+                           "peak memory (MiB)": [max(r["peak_MiB"], 1e-2) for r in sweep],
+                           tile_formula: [r["formula_tile_MiB"] for r in sweep]},
+         xlabel="block size b (tokens)", ylabel="ms  |  MiB", title=f"tiled attention at T={sweep_length}: block size",
+         logx=True, logy=True, styles={tile_formula: {"linestyle": "--", "marker": "", "color": "black"}})
+    axes[2].set_xticks(blocks, [str(b) for b in blocks])
+    axes[2].minorticks_off()
     run.save(fig, "naive_vs_tiled_vs_sdpa")
-    return {"rows": rows, "sdpa_backend": backend, "dtype": str(dtype), "memory_method": memory["method"],
-            "num_heads": num_heads, "head_dim": head_dim, "block_size": block_size}
+    return {"rows": rows, "block_sweep": sweep, "memory_growth_exponent": exponents, "sdpa_backend": backend,
+            "dtype": str(dtype),
+            "memory_method": memory_method, "num_heads": num_heads, "head_dim": head_dim, "block_size": block_size}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,7 +499,7 @@ def main():
     scale = experiment_scale(run, model, windows, sizes["scale_dims"])
     print("[4/4] naive vs tiled vs SDPA as the sequence grows ...")
     scaling = experiment_scaling(run, sizes["bench_lengths"], sizes["bench_heads"], sizes["bench_head_dim"],
-                                 sizes["block_size"])
+                                 sizes["block_size"], sizes["sweep_length"], sizes["sweep_blocks"])
 
     trained = diversity["trained"]
     print_table([{"head": name, "pattern": p, "entropy_nats": e, "mean_distance": d,
@@ -472,14 +512,17 @@ def main():
                                     "max_weight_unscaled", "saturated_unscaled", "jacobian_scaled", "jacobian_unscaled",
                                     "grad_rms_scaled", "grad_rms_unscaled")} for r in scale["random_qk"]],
                 title=f"Softmax over {scale['num_keys']} random keys, with and without 1/sqrt(d)")
-    print_table(scaling["rows"], title=f"Causal attention forward, B=1 H={scaling['num_heads']} "
-                                       f"d={scaling['head_dim']} ({scaling['dtype']}); SDPA ran: {scaling['sdpa_backend']}")
+    print_table(scaling["block_sweep"], title="Tiled attention: block size trade-off")
+    print_table(scaling["rows"], title=f"Causal attention forward, B=1 H={scaling['num_heads']} d={scaling['head_dim']} "
+                                       f"({scaling['dtype']}); SDPA ran: {scaling['sdpa_backend']}")
 
     longest = max(sizes["bench_lengths"])
     at_longest = {r["method"]: r for r in scaling["rows"] if r["T"] == longest}
     naive, tiled, sdpa = (next(r for m, r in at_longest.items() if m.startswith(prefix))
                           for prefix in ("naive", "tiled", "torch SDPA (default"))
     sat = scale["random_qk"][-1]
+    fastest = min(scaling["block_sweep"], key=lambda r: r["ms"])
+    slowest = max(scaling["block_sweep"], key=lambda r: r["ms"])
     trained_model = scale["trained_model"]
     most_specialised = int(np.argmax(trained["previous_mass"]))
     insights = [
@@ -499,6 +542,10 @@ def main():
         f"At T={longest}: naive {naive['ms']:.0f} ms / {naive['peak_MiB']:.0f} MiB (formula for the score matrix "
         f"alone {naive['formula_scores_MiB']:.0f} MiB), tiled {tiled['ms']:.0f} ms / {tiled['peak_MiB']:.0f} MiB, "
         f"SDPA {sdpa['ms']:.0f} ms / {sdpa['peak_MiB']:.0f} MiB ({scaling['sdpa_backend']}).",
+        f"Tiled at T={sizes['sweep_length']}: block {fastest['block_size']} is fastest ({fastest['ms']:.0f} ms); block "
+        f"{slowest['block_size']} is slowest ({slowest['ms']:.0f} ms); peak memory goes "
+        f"from {scaling['block_sweep'][0]['peak_MiB']:.0f} MiB (block {scaling['block_sweep'][0]['block_size']}) to "
+        f"{scaling['block_sweep'][-1]['peak_MiB']:.0f} MiB (block {scaling['block_sweep'][-1]['block_size']}).",
     ]
     print("\nKey insights")
     for sentence in insights:
