@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
 from plotting import bar, line, panels  # noqa: E402
 from runtime import Timer, describe_device  # noqa: E402
-from training import evaluate, train  # noqa: E402
+from training import evaluate, next_token_loss, train  # noqa: E402
 from transformer import (ConcatKVCache, MiniFormer, char_shakespeare_batches, lab_model_config,  # noqa: E402
                          lab_train_config, miniformer_from_hf_gpt2, miniformer_from_hf_llama)
 
@@ -63,6 +63,30 @@ def train_variant(run, data, schedule, **config_overrides):
     return model, history
 
 
+@torch.no_grad()
+def loss_with_standard_error(model, data, split: str, batches: int):
+    """Mean next-token loss over `batches` batches and its standard error (std of the batch means / sqrt(n))."""
+    model.eval()
+    losses = torch.tensor([next_token_loss(model, *data.batch_fn(split)).item() for _ in range(batches)])
+    return losses.mean().item(), (losses.std() / math.sqrt(batches)).item()
+
+
+def unigram_loss(data, batches: int = 200) -> float:
+    """Validation loss of the best context-free guess: character frequencies counted on training batches.
+    A model stuck at this level has learned which characters are common, and nothing from the context."""
+    data.generator.manual_seed(0)
+    counts = torch.ones(data.vocab.size)  # add-one smoothing
+    for _ in range(batches):
+        counts += torch.bincount(data.batch_fn("train")[1].flatten().cpu(), minlength=data.vocab.size)
+    log_probs = torch.log(counts / counts.sum())
+    val_targets = torch.cat([data.batch_fn("val")[1].flatten().cpu() for _ in range(batches // 4)])
+    return -log_probs[val_targets].mean().item()
+
+
+def draw_unigram(ax, level: float):
+    ax.axhline(level, color="0.4", ls="--", lw=1, label=f"unigram guess {level:.2f} (measured)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. The reference training run
 # ---------------------------------------------------------------------------------------------------
@@ -74,7 +98,7 @@ def reference_training(run, data, sizes):
     with Timer(run.device) as wall:
         model, history = train_variant(run, data, schedule)
     # The final estimate averages many more batches than the evaluations during training.
-    final_val = evaluate(model, data.batch_fn, "val", sizes["final_eval_batches"])
+    final_val, final_val_error = loss_with_standard_error(model, data, "val", sizes["final_eval_batches"])
     final_train = evaluate(model, data.batch_fn, "train", sizes["final_eval_batches"])
     generator = torch.Generator(device=run.device).manual_seed(run.seed)
     vocab = data.vocab
@@ -105,7 +129,8 @@ def reference_training(run, data, sizes):
         "steps": steps, "batch_size": BATCH_SIZE, "context_length": CONTEXT_LENGTH,
         "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
         "eval_steps": history.eval_steps, "val_curve": history.val_loss, "train_curve": history.eval_train_loss,
-        "final_val_loss": final_val, "final_train_loss": final_train, "final_eval_batches": sizes["final_eval_batches"],
+        "final_val_loss": final_val, "final_val_standard_error": final_val_error, "final_train_loss": final_train,
+        "final_eval_batches": sizes["final_eval_batches"],
         "last_eval_val_loss": history.final_val_loss, "wall_seconds": wall.seconds,
         "train_seconds": history.train_seconds, "tokens_per_second": history.tokens_per_second,
         "tokens_seen": history.tokens_seen, "diverged": history.diverged, "sample": sample,
@@ -150,15 +175,18 @@ def residual_norms(run, trained, data):
 
 
 @torch.no_grad()
-def logit_lens(run, model, data):
-    """final_norm_and_head applied to every layer's residual stream: loss and top-1 accuracy per layer."""
+def logit_lens(run, model, data, unigram: float):
+    """final_norm_and_head applied to every layer's residual stream: loss, top-1 accuracy, and how often the
+    top-1 guess is simply the input character (what a tied head reads from a bare embedding)."""
     hidden, targets = hidden_states_on_val(run, model, data, 16)
+    inputs = torch.cat([targets.new_full((targets.shape[0], 1), -1), targets[:, :-1]], dim=1)  # (N, T); -1 unknown
     vocab_size = data.vocab.size
-    losses, accuracies = [], []
+    losses, accuracies, copies = [], [], []
     for h in hidden:
         logits = model.final_norm_and_head(h)  # (N, T, V)
         losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
         accuracies.append((logits.argmax(-1) == targets).float().mean().item())
+        copies.append((logits.argmax(-1) == inputs)[:, 1:].float().mean().item())
     labels = ["embed"] + [f"block {i}" for i in range(1, len(hidden))]
     fig, (ax_loss, ax_acc) = panels(1, 2, width=5, height=3.6,
                                     title=f"Logit lens: loss falls from {losses[0]:.2f} (embedding) to "
@@ -166,11 +194,13 @@ def logit_lens(run, model, data):
     line(ax_loss, labels, {"logit-lens loss": losses}, xlabel="residual stream read at",
          ylabel="validation cross-entropy (nats)", title="Loss if the model stopped here")
     ax_loss.axhline(math.log(vocab_size), color="k", ls=":", lw=1, label=f"uniform guess ln {vocab_size} (formula)")
+    draw_unigram(ax_loss, unigram)
     ax_loss.legend()
-    line(ax_acc, labels, {"top-1 accuracy": [100 * a for a in accuracies]}, xlabel="residual stream read at",
-         ylabel="next-character top-1 accuracy (%)", title="Accuracy if the model stopped here")
+    line(ax_acc, labels, {"top-1 = next character (accuracy)": [100 * a for a in accuracies],
+                          "top-1 = current input character": [100 * c for c in copies]},
+         xlabel="residual stream read at", ylabel="share of positions (%)", title="What the top-1 guess is")
     run.save(fig, "logit_lens")
-    return {"layers": labels, "loss": losses, "top1_accuracy": accuracies}
+    return {"layers": labels, "loss": losses, "top1_accuracy": accuracies, "top1_is_input": copies}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +211,7 @@ ABLATIONS = {"pre-norm (baseline)": {}, "post-norm": {"norm_placement": "post"},
              "no residual connections": {"residual": False}, "no normalisation": {"norm": "none"}}
 
 
-def ablations(run, data, steps):
+def ablations(run, data, steps, unigram: float):
     """Each variant of the lab model trained `steps` steps at the reference learning rate 1e-3."""
     results = {}
     for name, overrides in ABLATIONS.items():
@@ -197,6 +227,8 @@ def ablations(run, data, steps):
                                            f"{results[worst]['final_val_loss'] - baseline:+.2f} nats vs pre-norm")
     line(ax_val, results[next(iter(results))]["eval_steps"], {n: r["val_curve"] for n, r in results.items()},
          xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+    draw_unigram(ax_val, unigram)
+    ax_val.legend()
     window = max(1, steps // 20)
     for name, r in results.items():
         smoothed = np.convolve(r["train_loss"], np.ones(window) / window, mode="valid")
@@ -209,7 +241,7 @@ def ablations(run, data, steps):
     return results
 
 
-def pre_vs_post_high_lr(run, data, steps, ablation_results):
+def pre_vs_post_high_lr(run, data, steps, ablation_results, unigram: float):
     """Pre- and post-norm at HIGH_LEARNING_RATE without warmup, beside their lr-1e-3 runs from the ablations."""
     results = {}
     for placement in ("pre", "post"):
@@ -231,6 +263,7 @@ def pre_vs_post_high_lr(run, data, steps, ablation_results):
             ax.plot(curves[placement]["eval_steps"], curves[placement]["val_curve"], marker, ms=3,
                     label=f"{placement}-norm")
         ax.set(xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title=f"lr {lr}")
+        draw_unigram(ax, unigram)
         ax.legend()
     ax_high.set_ylim(ax_low.get_ylim()[0], None)
     run.save(fig, "pre_vs_post_norm")
@@ -457,12 +490,13 @@ def main():
                     generator=generator)
     print(f"corpus {data.corpus}, {data.vocab.size} characters, batches of {BATCH_SIZE} x {CONTEXT_LENGTH}")
 
+    unigram = unigram_loss(data)
     reference_model, reference = reference_training(run, data, sizes)
     print(f"\nsample (temperature 0.8):\n{reference['sample']}\n")
     norms = residual_norms(run, reference_model, data)
-    lens = logit_lens(run, reference_model, data)
-    ablation = ablations(run, data, sizes["ablation_steps"])
-    pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation)
+    lens = logit_lens(run, reference_model, data, unigram)
+    ablation = ablations(run, data, sizes["ablation_steps"], unigram)
+    pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation, unigram)
     shapes = depth_vs_width(run, data, sizes["ablation_steps"])
     hf_interop = interop(run)
 
@@ -483,7 +517,8 @@ def main():
     baseline = ablation["pre-norm (baseline)"]["final_val_loss"]
     print("\nKey insights")
     print(f"  - The lab model ({reference['parameters']:,} parameters) reaches validation loss "
-          f"{reference['final_val_loss']:.3f} after {reference['steps']} steps (nanoGPT's README quotes "
+          f"{reference['final_val_loss']:.3f} +- {reference['final_val_standard_error']:.3f} (standard error over "
+          f"{reference['final_eval_batches']} batches) after {reference['steps']} steps (nanoGPT's README quotes "
           f"{NANOGPT_VAL_LOSS} for this configuration), training at {reference['tokens_per_second']:,.0f} "
           f"tokens/s, {reference['wall_seconds']:.0f} s wall time including evaluation.")
     print(f"  - The residual stream's norm grows {norms['growth_trained']:.1f}x from the embedding to the last "
@@ -491,7 +526,11 @@ def main():
           f"at initialisation).")
     print(f"  - Logit lens: reading the stream with the final norm and head gives loss {lens['loss'][0]:.2f} "
           f"after the embedding, {lens['loss'][-2]:.2f} one block before the end and {lens['loss'][-1]:.2f} at the "
-          f"end (top-1 accuracy {100 * lens['top1_accuracy'][0]:.0f}% -> {100 * lens['top1_accuracy'][-1]:.0f}%).")
+          f"end (top-1 accuracy {100 * lens['top1_accuracy'][0]:.0f}% -> {100 * lens['top1_accuracy'][-1]:.0f}%); "
+          f"read at the embedding the tied head's top-1 guess is the input character itself "
+          f"{100 * lens['top1_is_input'][0]:.0f}% of the time.")
+    print(f"  - The unigram guess (character frequencies, no context) scores {unigram:.3f}: a run stuck there "
+          f"has learned nothing from the context.")
     for name, r in ablation.items():
         if name != "pre-norm (baseline)":
             print(f"  - {name}: validation loss {r['final_val_loss']:.3f} vs {baseline:.3f} for the pre-norm baseline "
@@ -507,7 +546,7 @@ def main():
     for name, r in hf_interop.get("mistakes", {}).items():
         print(f"  - Conversion mistake '{name}': max |logit difference| {r['max_abs_logit_difference']:.1e}.")
 
-    run.finish({"corpus": data.corpus, "vocab_size": data.vocab.size,
+    run.finish({"corpus": data.corpus, "vocab_size": data.vocab.size, "unigram_val_loss": unigram,
                 "nanogpt_reference": {"val_loss": NANOGPT_VAL_LOSS, "minutes": NANOGPT_MINUTES,
                                       "source": "nanoGPT README (quoted, not measured here)"},
                 "reference": reference, "residual_norms": norms, "logit_lens": lens, "ablations": ablation,
