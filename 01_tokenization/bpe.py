@@ -84,8 +84,9 @@ def special_token_regex(specials: tuple[str, ...]):
 
 
 # A "safe cut": just after a newline that has non-whitespace on both sides. No pre-token of either
-# pattern spans it and no match before it looks past it, so text[:cut] and text[cut:] pre-tokenize
-# exactly as the whole text does. Searched from the end ((?r)) to find the last one quickly.
+# GPT pattern spans it and no match before it looks past it, so text[:cut] and text[cut:] pre-tokenize
+# exactly as the whole text does (test_safe_blocks_never_change_the_encoding checks it; a custom pattern
+# whose tokens can run across such a newline would need its own rule). Searched from the end ((?r)).
 _SAFE_CUT = regex.compile(r"(?r)(?<=\S\n)(?=\S)")
 
 
