@@ -33,10 +33,11 @@ from training import TrainConfig, train
 from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, register_ffn, register_norm
 
 SIZES = {
-    "quick": dict(batch_size=12, train_steps=40, eval_interval=20, eval_batches=4, sweep_steps=20,
-                  sweep_lrs=(1e-3, 1e-1), timing_repeats=3, timing_calls=3),
-    "full": dict(batch_size=12, train_steps=500, eval_interval=50, eval_batches=10, sweep_steps=160,
-                 sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), timing_repeats=15, timing_calls=10),
+    "quick": dict(batch_size=12, train_steps=30, seeds=2, eval_interval=15, eval_batches=4, sweep_steps=20,
+                  sweep_eval_batches=4, sweep_lrs=(1e-3, 1.0), timing_repeats=3, timing_calls=3),
+    "full": dict(batch_size=12, train_steps=400, seeds=2, eval_interval=50, eval_batches=20, sweep_steps=100,
+                 sweep_eval_batches=10, sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+                 timing_repeats=15, timing_calls=10),
 }
 LEARNING_RATE = 1e-3  # the lab model's reference learning rate (nanoGPT's CPU setting)
 COMBINATIONS = {  # label -> MiniFormer config overrides, all with our from-scratch layers
@@ -50,6 +51,7 @@ FRAGILE_REFERENCES = {
     "post-LayerNorm + GELU": dict(norm="scratch_layernorm", ffn="scratch_gelu", norm_placement="post"),
 }
 FLOAT32_EPS = torch.finfo(torch.float32).eps
+LEARNED_MARGIN = 0.1  # nats below the unigram baseline that count as "learned something about context"
 
 
 def register_scratch_layers() -> None:
@@ -58,6 +60,12 @@ def register_scratch_layers() -> None:
         register_norm(name, factory)
     for name, factory in FFN_FACTORIES.items():
         register_ffn(name, factory)
+
+
+def per_step(series: list) -> np.ndarray:
+    """Stack per-step lists of several runs, cut to the shortest (a diverged run stops early). -> (runs, steps)"""
+    length = min(len(values) for values in series)
+    return np.array([values[:length] for values in series], dtype=float)
 
 
 def moving_average(values, window: int) -> np.ndarray:
@@ -108,11 +116,28 @@ def compare_with_builtins(run, batch_size: int) -> dict:
         (y, grad), (y_ref, grad_ref) = results
         differences[name] = {"output": (y - y_ref).abs().max().item(), "input_grad": (grad - grad_ref).abs().max().item()}
 
+    # Break it: what small mistakes would change (the tests catch each one).
+    centred = stream - stream.mean(-1, keepdim=True)
+    with_unbiased_variance = centred / (stream.var(-1, keepdim=True, unbiased=True) + 1e-5).sqrt()
+    plain = LayerNorm(E).to(device)
+    constant_rows = torch.full((4, E), 3.0, device=device)
+    plain.eps = 0.0
+    nan_fraction_without_eps = plain(constant_rows).isnan().float().mean().item()
+    plain.eps = 1e-5
+    parameters = {name: sum(p.numel() for p in layer.parameters()) for name, layer in
+                  {"gelu_mlp_4x": GeluMLP(E, bias=False), "swiglu_two_thirds": SwiGLU(E),
+                   "swiglu_4x": SwiGLU(E, hidden_size=4 * E)}.items()}
+    break_it = {"unbiased_variance_relative_change": ((plain(stream) - with_unbiased_variance).abs()
+                                                      / plain(stream).abs()).median().item(),
+                "nan_fraction_constant_row_eps_0": nan_fraction_without_eps,
+                "nan_fraction_constant_row_eps_1e-5": plain(constant_rows).isnan().float().mean().item(),
+                "ffn_parameters_without_bias": parameters}
+
     grid = torch.linspace(-6.0, 6.0, 24001, dtype=torch.float64)
     tanh_error = (gelu(grid) - gelu(grid, approximate="tanh")).abs()
     worst = int(tanh_error.argmax())
     silu_curve = silu(grid)
-    result = {"max_abs_difference": differences,
+    result = {"max_abs_difference": differences, "break_it": break_it,
               "gelu_tanh_max_error": tanh_error.max().item(), "gelu_tanh_worst_x": grid[worst].item(),
               "silu_minimum": silu_curve.min().item(), "silu_argmin": grid[int(silu_curve.argmin())].item()}
 
@@ -211,53 +236,69 @@ def time_layers(run, batch_size: int, repeats: int, calls: int) -> dict:
 # --- 3. Training at equal parameters ----------------------------------------------------------------------
 
 
-def train_one(run, batch_fn, generator, vocab_size: int, overrides: dict, config: TrainConfig):
-    """Train a fresh lab model (same seed, same batch order for every call); returns (model, history)."""
-    seed_everything(run.seed)
-    generator.manual_seed(run.seed)
+def train_one(run, batch_fn, generator, vocab_size: int, overrides: dict, config: TrainConfig, seed: int):
+    """Train a fresh lab model; the same seed gives the same batch order to every model. -> (model, history)"""
+    seed_everything(seed)
+    generator.manual_seed(seed)
     model = MiniFormer(lab_model_config(vocab_size, **overrides)).to(run.device)
     history = train(model, batch_fn, config, device=run.device)
     return model, history
 
 
 def train_combinations(run, batch_fn, generator, vocab_size: int, sizes: dict) -> dict:
-    """The four norm x FFN combinations at equal parameters, same data order and schedule."""
+    """The four norm x FFN combinations at equal parameters, same data order and schedule, several seeds."""
     steps = sizes["train_steps"]
+    seeds = [run.seed + i for i in range(sizes["seeds"])]
     config = TrainConfig(steps=steps, learning_rate=LEARNING_RATE, warmup_steps=max(1, steps // 10),
                          eval_interval=sizes["eval_interval"], eval_batches=sizes["eval_batches"], progress=False)
     results, histories = {}, {}
     for label, overrides in COMBINATIONS.items():
-        model, history = train_one(run, batch_fn, generator, vocab_size, overrides, config)
-        histories[label] = history
-        late = history.grad_norm[len(history.grad_norm) // 2:]
-        results[label] = {"parameters": model.num_parameters(),
-                          "ffn_hidden_size": model.blocks[0].ffn.down.in_features,
-                          "final_val_loss": history.final_val_loss, "final_train_loss": history.eval_train_loss[-1],
-                          "tokens_per_second": history.tokens_per_second,
-                          "grad_norm_first_step": history.grad_norm[0], "grad_norm_max": max(history.grad_norm),
-                          "grad_norm_median_second_half": float(np.median(late)),
-                          "eval_steps": history.eval_steps, "val_loss": history.val_loss, "diverged": history.diverged}
-        print(f"  trained {label}: val loss {history.final_val_loss:.3f}, {history.tokens_per_second:.0f} tokens/s")
+        histories[label] = []
+        for seed in seeds:
+            model, history = train_one(run, batch_fn, generator, vocab_size, overrides, config, seed)
+            histories[label].append(history)
+            print(f"  trained {label}, seed {seed}: val loss {history.final_val_loss:.3f}, "
+                  f"{history.tokens_per_second:.0f} tokens/s")
+        runs = histories[label]
+        final = [h.final_val_loss for h in runs]
+        results[label] = {
+            "parameters": model.num_parameters(), "ffn_hidden_size": model.blocks[0].ffn.down.in_features,
+            "seeds": seeds, "final_val_loss_per_seed": final, "final_val_loss": float(np.mean(final)),
+            "final_train_loss": float(np.mean([h.eval_train_loss[-1] for h in runs])),
+            "tokens_per_second": float(np.mean([h.tokens_per_second for h in runs])),
+            "grad_norm_first_step": float(np.mean([h.grad_norm[0] for h in runs])),
+            "grad_norm_max": max(max(h.grad_norm) for h in runs),
+            "grad_norm_max_step": int(np.argmax(np.max(per_step([h.grad_norm for h in runs]), axis=0))),
+            "grad_norm_median_second_half": float(np.median([g for h in runs for g in h.grad_norm[steps // 2:]])),
+            "val_loss_mean": per_step([h.val_loss for h in runs]).mean(axis=0).tolist(),
+            "diverged": any(h.diverged for h in runs)}
 
-    window = max(1, steps // 20)
     best = min(results, key=lambda k: results[k]["final_val_loss"])
     worst = max(results, key=lambda k: results[k]["final_val_loss"])
+    seed_spread = max(max(r["final_val_loss_per_seed"]) - min(r["final_val_loss_per_seed"]) for r in results.values())
+    spike = {ffn: max(r["grad_norm_max"] for label, r in results.items() if label.endswith(ffn))
+             for ffn in ("GELU", "SwiGLU")}
     fig, axes = panels(1, 3, width=4.6, height=3.7,
-                       title=f"At equal parameters the four combinations end within "
+                       title=f"Equal parameters: the four combinations end within "
                              f"{results[worst]['final_val_loss'] - results[best]['final_val_loss']:.3f} nats "
-                             f"(best: {best}, {steps} steps)")
-    for label, history in histories.items():
-        axes[0].plot(history.eval_steps, history.val_loss, marker="o", markersize=3, label=label)
-        smoothed = moving_average(history.train_loss, window)
-        axes[1].plot(np.arange(len(smoothed)) + window, smoothed, label=label)
-        smoothed_norm = moving_average(history.grad_norm, window)
+                             f"(best {best}); a change of seed alone moves one by up to {seed_spread:.3f}")
+    window = max(1, steps // 20)
+    for index, (label, runs) in enumerate(histories.items()):
+        mean_curve = results[label]["val_loss_mean"]
+        axes[0].plot(runs[0].eval_steps[:len(mean_curve)], mean_curve, marker="o", markersize=3, label=label)
+        finals = results[label]["final_val_loss_per_seed"]
+        axes[1].scatter([index] * len(finals), finals, s=25, label=label)
+        axes[1].hlines(np.mean(finals), index - 0.3, index + 0.3, color="black", linewidth=1)
+        smoothed_norm = moving_average(per_step([h.grad_norm for h in runs]).mean(axis=0), window)
         axes[2].plot(np.arange(len(smoothed_norm)) + window, smoothed_norm, label=label)
-    axes[0].set(xlabel="step", ylabel="validation loss (nats/char)", title="Validation loss")
-    axes[1].set(xlabel="step", ylabel=f"train loss, mean of {window} steps (nats/char)", title="Training loss")
-    axes[2].set(xlabel="step", ylabel=f"global grad norm, mean of {window} steps", yscale="log",
-                title="Gradient norm before clipping")
-    for ax in axes:
-        ax.legend()
+    axes[0].set(xlabel="step", ylabel="validation loss (nats/char)",
+                title=f"Validation loss, mean of {len(seeds)} seeds")
+    axes[1].set_xticks(range(len(histories)), [label.replace(" + ", "\n+ ") for label in histories])
+    axes[1].set(ylabel="final validation loss (nats/char)", title=f"After {steps} steps: one dot per seed, bar = mean")
+    axes[2].set(xlabel="step", ylabel=f"grad norm before clipping ({window}-step mean)", yscale="log",
+                title=f"Early spike: SwiGLU max {spike['SwiGLU']:.0f}, GELU max {spike['GELU']:.0f}")
+    axes[0].legend()
+    axes[2].legend()
     run.save(fig, "training_equal_parameters")
     return results
 
@@ -279,38 +320,41 @@ def unigram_loss(batch_fn, generator, seed: int, vocab_size: int, batches: int =
 
 def learning_rate_sweep(run, batch_fn, generator, vocab_size: int, sizes: dict, grad_clip: float | None,
                         unigram: float) -> dict:
-    """Short runs at growing learning rates: final validation loss, divergence, collapse to the unigram level."""
+    """Short runs at growing learning rates. Each run ends 'learned' (validation loss at least
+    LEARNED_MARGIN below the unigram baseline), 'stalled' (stuck near the unigram level) or 'diverged'
+    (the loss blew up: training.train's divergence check)."""
     steps = sizes["sweep_steps"]
     results = {}
     for label, overrides in {**COMBINATIONS, **FRAGILE_REFERENCES}.items():
         rows = []
         for lr in sizes["sweep_lrs"]:
             config = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 10), grad_clip=grad_clip,
-                                 eval_interval=steps, eval_batches=sizes["eval_batches"], progress=False)
-            _, history = train_one(run, batch_fn, generator, vocab_size, overrides, config)
+                                 eval_interval=steps, eval_batches=sizes["sweep_eval_batches"], progress=False)
+            _, history = train_one(run, batch_fn, generator, vocab_size, overrides, config, run.seed)
             val = float("nan") if history.diverged else history.final_val_loss
-            status = "diverged" if history.diverged else ("no better than unigram" if val > unigram - 0.05 else "learned")
+            status = "diverged" if history.diverged else ("learned" if val < unigram - LEARNED_MARGIN else "stalled")
             rows.append({"learning_rate": lr, "final_val_loss": val, "status": status,
                          "max_grad_norm": max(history.grad_norm), "steps_run": len(history.train_loss)})
         learned = [r for r in rows if r["status"] == "learned"]
-        failed = [r for r in rows if r["status"] != "learned"]
+        diverged = [r for r in rows if r["status"] == "diverged"]
         results[label] = {
             "runs": rows,
             "best_learning_rate": min(learned, key=lambda r: r["final_val_loss"])["learning_rate"] if learned else None,
             "best_val_loss": min(r["final_val_loss"] for r in learned) if learned else float("nan"),
-            "first_failing_learning_rate": failed[0]["learning_rate"] if failed else None,
-            "first_failure": failed[0]["status"] if failed else "none",
+            "highest_learning_rate_that_learned": max(r["learning_rate"] for r in learned) if learned else None,
+            "first_diverging_learning_rate": diverged[0]["learning_rate"] if diverged else None,
         }
-        print(f"  swept {label}: " + ", ".join(f"{r['learning_rate']:g}->{r['status'][:8]}" for r in rows))
+        print(f"  swept {label}: " + ", ".join(f"{r['learning_rate']:g}->{r['status']}" for r in rows))
 
-    def failing_lr(label):
-        lr = results[label]["first_failing_learning_rate"]
-        return math.inf if lr is None else lr
+    def edge(label, key):
+        return results[label][key] if results[label][key] is not None else math.inf
 
-    first = min(results, key=failing_lr)
+    first_to_stall = min(results, key=lambda k: edge(k, "highest_learning_rate_that_learned"))
+    first_to_diverge = min(results, key=lambda k: edge(k, "first_diverging_learning_rate"))
     fig, axes = panels(1, 1, width=7.5, height=4.6,
-                       title=f"First to break as the learning rate grows: {first} "
-                             f"({results[first]['first_failure']} at lr {failing_lr(first):g})")
+                       title=f"{first_to_stall} stops learning first (above lr "
+                             f"{edge(first_to_stall, 'highest_learning_rate_that_learned'):g}); "
+                             f"{first_to_diverge} diverges first (lr {edge(first_to_diverge, 'first_diverging_learning_rate'):g})")
     ax = axes[0]
     top = math.log(vocab_size)
     for index, (label, summary) in enumerate(results.items()):
@@ -319,18 +363,24 @@ def learning_rate_sweep(run, batch_fn, generator, vocab_size: int, sizes: dict, 
         style = {"linestyle": "--"} if label in FRAGILE_REFERENCES else {}
         (handle,) = ax.plot(lrs, values, marker="o", markersize=4, label=label, **style)
         diverged = [r["learning_rate"] for r in summary["runs"] if r["status"] == "diverged"]
-        if diverged:  # drawn on the uniform-guess line, nudged apart so markers do not hide each other
+        if diverged:  # drawn above the uniform-guess line, nudged apart so markers do not hide each other
             ax.scatter(diverged, [top + 0.04 * index] * len(diverged), marker="X", s=60, color=handle.get_color())
     ax.axhline(unigram, color="grey", linestyle=":", label=f"unigram baseline (measured): {unigram:.2f}")
+    ax.axhline(unigram - LEARNED_MARGIN, color="grey", linestyle="-", linewidth=0.6,
+               label=f"'learned' = below {unigram - LEARNED_MARGIN:.2f}")
     ax.axhline(top, color="black", linestyle=":", linewidth=0.8, label=f"uniform guess ln V = {top:.2f}; X = diverged")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (AdamW, warmup then cosine)")
     ax.set_ylabel(f"validation loss after {steps} steps (nats/char)")
     clip_text = f"grad clip {grad_clip}" if grad_clip else "no grad clipping"
-    ax.set_title(f"{steps} steps per run, {clip_text}; above the grey line = learned nothing about context")
+    ax.set_title(f"{steps} steps per run, {clip_text}; near the grey lines = learned nothing about context")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     run.save(fig, "learning_rate_sweep")
     return results
+
+
+def _format_lr(learning_rate) -> str:
+    return "none in the range" if learning_rate is None else f"{learning_rate:g}"
 
 
 # --- Main -------------------------------------------------------------------------------------------------
@@ -366,9 +416,11 @@ def main():
     print_table([{"layer": name, "scratch us": s["scratch"] * 1e6, "built-in us": s["builtin"] * 1e6,
                   "scratch / built-in": s["ratio"]} for name, s in speed.items()], "Forward + backward per call")
     print_table([{"combination": label, "params": r["parameters"], "ffn hidden": r["ffn_hidden_size"],
-                  "val loss": r["final_val_loss"], "tokens/s": r["tokens_per_second"],
-                  "grad norm step 0": r["grad_norm_first_step"], "grad norm median 2nd half": r["grad_norm_median_second_half"]}
-                 for label, r in training.items()], f"Training, {sizes['train_steps']} steps at lr {LEARNING_RATE:g}")
+                  "val loss": r["final_val_loss"],
+                  "per seed": " ".join(f"{v:.3f}" for v in r["final_val_loss_per_seed"]), "tokens/s": r["tokens_per_second"],
+                  "grad norm step 0": r["grad_norm_first_step"], "grad norm max": r["grad_norm_max"],
+                  "grad norm max at step": r["grad_norm_max_step"], "grad norm median 2nd half": r["grad_norm_median_second_half"]}
+                 for label, r in training.items()], f"Training, {sizes['train_steps']} steps at lr {LEARNING_RATE:g}, mean of {sizes['seeds']} seeds")
     print_table([{"model": label, **{f"lr {r['learning_rate']:g}": f"{r['final_val_loss']:.3f}" if r["status"] == "learned"
                                      else r["status"] for r in s["runs"]}} for label, s in sweep.items()],
                 f"Learning-rate sweep: validation loss after {sizes['sweep_steps']} steps")
@@ -379,8 +431,7 @@ def main():
                    for n in ("LayerNorm", "RMSNorm")]
     rms_gain = [training[f"LayerNorm + {f}"]["final_val_loss"] - training[f"RMSNorm + {f}"]["final_val_loss"]
                 for f in ("GELU", "SwiGLU")]
-    first = min(sweep, key=lambda k: sweep[k]["first_failing_learning_rate"] or math.inf)
-    pre_norm_failures = {k: sweep[k]["first_failing_learning_rate"] for k in COMBINATIONS}
+    seed_spread = max(max(r["final_val_loss_per_seed"]) - min(r["final_val_loss_per_seed"]) for r in training.values())
     insights = [
         f"Every from-scratch layer equals torch's built-in to within "
         f"{max(max(d.values()) for d in differences.values()):.1e} (float32, outputs and input gradients); "
@@ -394,16 +445,24 @@ def main():
         f"Equal parameters: SwiGLU with hidden {training['LayerNorm + SwiGLU']['ffn_hidden_size']} (2/3 rule) gives "
         f"{training['LayerNorm + SwiGLU']['parameters']:,} parameters vs {training[gelu_label]['parameters']:,} "
         f"for the 4x GELU MLP.",
-        f"After {sizes['train_steps']} steps the best combination is {best} "
-        f"(val {training[best]['final_val_loss']:.3f}); SwiGLU minus GELU: "
+        f"After {sizes['train_steps']} steps (mean of {sizes['seeds']} seeds) the best combination is {best} "
+        f"(val {training[best]['final_val_loss']:.3f}); the same combination differs by up to {seed_spread:.3f} "
+        f"between seeds. SwiGLU minus GELU per seed: " + ", ".join(
+            f"{n} " + "/".join(f"{s - g:+.3f}" for s, g in zip(training[f"{n} + SwiGLU"]["final_val_loss_per_seed"],
+                                                                 training[f"{n} + GELU"]["final_val_loss_per_seed"]))
+            for n in ("LayerNorm", "RMSNorm")) + "; on average: "
         f"{-swiglu_gain[0]:+.3f} with LayerNorm, {-swiglu_gain[1]:+.3f} with RMSNorm; RMSNorm minus LayerNorm: "
         f"{-rms_gain[0]:+.3f} with GELU, {-rms_gain[1]:+.3f} with SwiGLU (nats, negative = better).",
-        f"Gradient norms: median over the second half "
+        f"Training speed with our layers (tokens/s): "
+        + ", ".join(f"{k} {v['tokens_per_second']:.0f}" for k, v in training.items()) + ".",
+        f"Gradient norms (before clipping at 1.0): largest "
+        + ", ".join(f"{k} {v['grad_norm_max']:.1f} (step {v['grad_norm_max_step']})" for k, v in training.items())
+        + "; median over the second half "
         + ", ".join(f"{k} {v['grad_norm_median_second_half']:.2f}" for k, v in training.items()) + ".",
-        f"Learning-rate sweep ({sizes['sweep_steps']} steps): {first} breaks first "
-        f"({sweep[first]['first_failure']} at lr {sweep[first]['first_failing_learning_rate']:g}); the pre-norm "
-        f"combinations first fail at " + ", ".join(f"{k} {v if v is not None else 'none'}"
-                                                   for k, v in pre_norm_failures.items()) + ".",
+        f"Learning-rate sweep ({sizes['sweep_steps']} steps): highest learning rate that still learns: "
+        + ", ".join(f"{k} {_format_lr(v['highest_learning_rate_that_learned'])}" for k, v in sweep.items())
+        + "; first learning rate that diverges: "
+        + ", ".join(f"{k} {_format_lr(v['first_diverging_learning_rate'])}" for k, v in sweep.items()) + ".",
     ]
     print("\nKey insights")
     for sentence in insights:
