@@ -278,7 +278,7 @@ def train_combinations(run, batch_fn, generator, vocab_size: int, sizes: dict) -
     seed_spread = max(max(r["final_val_loss_per_seed"]) - min(r["final_val_loss_per_seed"]) for r in results.values())
     spike = {ffn: max(r["grad_norm_max"] for label, r in results.items() if label.endswith(ffn))
              for ffn in ("GELU", "SwiGLU")}
-    fig, axes = panels(1, 3, width=4.6, height=3.7,
+    fig, axes = panels(1, 3, width=5.2, height=3.7,
                        title=f"Equal parameters: the four combinations end within "
                              f"{results[worst]['final_val_loss'] - results[best]['final_val_loss']:.3f} nats "
                              f"(best {best}); a change of seed alone moves one by up to {seed_spread:.3f}")
@@ -295,8 +295,8 @@ def train_combinations(run, batch_fn, generator, vocab_size: int, sizes: dict) -
                 title=f"Validation loss, mean of {len(seeds)} seeds")
     axes[1].set_xticks(range(len(histories)), [label.replace(" + ", "\n+ ") for label in histories])
     axes[1].set(ylabel="final validation loss (nats/char)", title=f"After {steps} steps: one dot per seed, bar = mean")
-    axes[2].set(xlabel="step", ylabel=f"grad norm before clipping ({window}-step mean)", yscale="log",
-                title=f"Early spike: SwiGLU max {spike['SwiGLU']:.0f}, GELU max {spike['GELU']:.0f}")
+    axes[2].set(xlabel="step", ylabel=f"grad norm ({window}-step mean)", yscale="log",
+                title=f"Before clipping: SwiGLU peaks at {spike['SwiGLU']:.0f}, GELU at {spike['GELU']:.0f}")
     axes[0].legend()
     axes[2].legend()
     run.save(fig, "training_equal_parameters")
