@@ -38,9 +38,7 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return _jsonable(value.detach().cpu().tolist())
-    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar
-        return _jsonable(value.item())
-    if hasattr(value, "tolist"):  # numpy array
+    if hasattr(value, "tolist"):  # numpy array or scalar: tolist() gives a list or a plain number
         return _jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

@@ -133,6 +133,13 @@ def test_results_json_records_environment_and_sanitises(tmp_path):
     assert document["environment"]["torch"] == torch.__version__ and document["topic"] == "x"
 
 
+def test_results_json_accepts_numpy_arrays_and_scalars(tmp_path):
+    import numpy as np
+
+    path = write_results(tmp_path / "r.json", {"array": np.arange(3), "scalar": np.float32(0.5)}, "cpu")
+    assert json.loads(path.read_text())["results"] == {"array": [0, 1, 2], "scalar": 0.5}
+
+
 def test_demo_cli_defaults_and_out(tmp_path):
     args = demo_parser("test").parse_args(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     run = start_demo(args, str(Path(__file__)))
