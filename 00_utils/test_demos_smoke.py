@@ -22,7 +22,8 @@ def test_at_least_one_demo_is_found():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.parent.name for s in SCRIPTS])
 def test_demo_quick_runs(script, tmp_path):
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}  # see run_all.run_demo
     completed = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu", "--out", str(tmp_path)],
                                cwd=script.parent, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, f"{script} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
