@@ -13,6 +13,7 @@ from data import CharVocab, encode_bytes, pydoc_text, random_batch, train_val_sp
 from demo_cli import demo_parser, start_demo
 from results import write_results
 from runtime import Timer, pick_device, seed_everything, time_function, track_peak_memory
+from testing import missing
 from training import (CheckpointError, TrainConfig, learning_rate_at, load_checkpoint, save_checkpoint, train)
 
 
@@ -27,7 +28,7 @@ def test_pydoc_corpus_is_real_english_and_offline():
 def test_shakespeare_cache_is_used_when_checksum_matches(tmp_path, monkeypatch):
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
     if not shared.is_file():
-        pytest.skip("../shared/data/tinyshakespeare.txt not present")
+        missing("../shared/data/tinyshakespeare.txt not present")
     (tmp_path / data.SHAKESPEARE_FILENAME).write_bytes(shared.read_bytes())
     monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path))
     text = data.shakespeare_text(download=False)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from embeddings import (SkipGram, cosine_similarity_matrix, group_cosine, nearest_neighbours, noise_distribution,
                         one_hot, skipgram_batch, skipgram_loss)
+from testing import require
 from training import TrainConfig, train
 
 
@@ -24,7 +25,7 @@ def test_cosine_matrix_matches_torch_pairwise():
 
 
 def test_nearest_neighbours_match_scikit_learn():
-    neighbors = pytest.importorskip("sklearn.neighbors")
+    neighbors = require("sklearn.neighbors")
     embeddings = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
     index = neighbors.NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(embeddings.numpy())
     distances, ids = index.kneighbors(embeddings[[3]].numpy())

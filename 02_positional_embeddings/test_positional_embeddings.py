@@ -16,6 +16,7 @@ from positional_embeddings import (
     rope_frequencies,
     sinusoidal_encoding,
 )
+from testing import require
 
 LAYOUTS = ("half", "interleaved")
 
@@ -48,7 +49,7 @@ def test_sinusoidal_shift_is_a_rotation_independent_of_position():
 
 
 def test_sinusoidal_matches_hugging_face_distilbert():
-    distilbert = pytest.importorskip("transformers.models.distilbert.modeling_distilbert")
+    distilbert = require("transformers.models.distilbert.modeling_distilbert")
     reference = torch.empty(50, 32)
     distilbert._create_sinusoidal_embeddings(n_pos=50, dim=32, out=reference)
     torch.testing.assert_close(sinusoidal_encoding(50, 32), reference, atol=1e-6, rtol=0)
@@ -167,7 +168,7 @@ def test_rope_keeps_low_precision_dtype_and_computes_in_float32():
 
 @pytest.mark.parametrize("offset", [0, 37])
 def test_rope_matches_hugging_face_llama(offset):
-    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    llama = require("transformers.models.llama.modeling_llama")
     from transformers import LlamaConfig
 
     batch, heads, seq_len, head_dim, theta = 2, 3, 10, 16, 500.0
@@ -218,7 +219,7 @@ def test_alibi_slopes_not_a_power_of_two_by_hand():
 
 
 def test_alibi_slopes_match_hugging_face_bloom():
-    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    bloom = require("transformers.models.bloom.modeling_bloom")
     for num_heads in range(1, 65):
         torch.testing.assert_close(alibi_slopes(num_heads), bloom._get_alibi_slopes(num_heads, "cpu"),
                                    msg=f"num_heads={num_heads}")
@@ -243,7 +244,7 @@ def test_alibi_bias_of_one_cached_query_is_the_last_row_of_the_full_bias():
 
 def test_alibi_bias_gives_the_same_causal_softmax_as_hugging_face_bloom():
     # BLOOM adds slope * j (no query term): it differs from ours by slope * i per row, which a softmax ignores.
-    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    bloom = require("transformers.models.bloom.modeling_bloom")
     num_heads, seq_len = 6, 9
     bloom_bias = bloom.build_alibi_tensor(torch.ones(1, seq_len), num_heads, torch.float32)  # (H, 1, T)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
