@@ -26,6 +26,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILENAME = "tinyshakespeare.txt"
 CORPUS_NAMES = ("auto", "shakespeare", "pydoc")
+_fallback_reported = False  # load_corpus("auto") prints its fallback message once per process
 
 
 class CorpusUnavailableError(RuntimeError):
@@ -62,22 +63,26 @@ def shakespeare_path(download: bool = True, url: str = SHAKESPEARE_URL, timeout:
     Raises CorpusUnavailableError, naming $LLM_LAB_DATA, when no verified copy can be had.
     """
     target = data_dir() / SHAKESPEARE_FILENAME
+    if target.exists() and not target.is_file():
+        raise CorpusUnavailableError(f"{target} exists but is not a file (a folder?); remove it or point "
+                                     f"LLM_LAB_DATA at another folder")
     if target.exists():
         if sha256_of(target) == SHAKESPEARE_SHA256:
             return target
         print(f"[data] {target} fails its SHA-256 check; ignoring it and downloading a fresh copy", file=sys.stderr)
     if not download:
         raise CorpusUnavailableError(f"no verified Shakespeare corpus at {target} and download=False")
+    partial = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Download next to the target, verify, then rename: a broken download never replaces a file.
         with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp:
+            partial = Path(tmp.name)
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 tmp.write(response.read())
-        if sha256_of(Path(tmp.name)) != SHAKESPEARE_SHA256:
-            os.unlink(tmp.name)
+        if sha256_of(partial) != SHAKESPEARE_SHA256:
             raise CorpusUnavailableError(f"the file downloaded from {url} fails the SHA-256 check")
-        os.replace(tmp.name, target)
+        os.replace(partial, target)
         return target
     except (OSError, ValueError) as error:  # URLError is an OSError
         raise CorpusUnavailableError(
@@ -85,6 +90,9 @@ def shakespeare_path(download: bool = True, url: str = SHAKESPEARE_URL, timeout:
             f"(sha256 {SHAKESPEARE_SHA256[:12]}...) in a folder and set LLM_LAB_DATA to that folder "
             f"(currently looking in {target.parent}), or use the offline corpus 'pydoc'."
         ) from error
+    finally:
+        if partial is not None and partial.exists():  # failed or unverified: leave no .part file behind
+            partial.unlink()
 
 
 def shakespeare_text(download: bool = True) -> str:
@@ -102,7 +110,10 @@ def load_corpus(name: str = "auto") -> tuple[str, str]:
     except CorpusUnavailableError as error:
         if name == "shakespeare":
             raise
-        print(f"[data] Shakespeare unavailable, using the offline pydoc corpus instead: {error}", file=sys.stderr)
+        global _fallback_reported
+        if not _fallback_reported:  # a demo loads its corpus several times: say it once per process
+            print(f"[data] Shakespeare unavailable, using the offline pydoc corpus instead: {error}", file=sys.stderr)
+            _fallback_reported = True
         return pydoc_text(), "pydoc"
 
 
@@ -126,11 +137,17 @@ class CharVocab:
         return torch.tensor([self.index[ch] for ch in text], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.size]
+        if bad:  # a negative id would silently index from the end of the list
+            raise ValueError(f"ids must be in [0, {self.size}), got {bad[:10]}")
+        return "".join(self.chars[i] for i in ids)
 
 
 def encode_bytes(text: str) -> torch.Tensor:
     """Byte-level encoding: the UTF-8 bytes of text as ids 0..255."""
+    if not text:
+        return torch.empty(0, dtype=torch.long)  # frombuffer refuses an empty buffer
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
@@ -146,6 +163,8 @@ def train_val_split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torc
 def random_batch(data: torch.Tensor, batch_size: int, context_length: int, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of the 1-D id sequence: x (B, T) and targets y (B, T) shifted by one position."""
+    if data.dim() != 1:
+        raise ValueError(f"data must be a 1-D id sequence, got shape {tuple(data.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if context_length < 1 or context_length >= len(data):

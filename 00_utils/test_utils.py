@@ -46,14 +46,41 @@ def test_corrupt_cache_is_never_used(tmp_path, monkeypatch):
     assert (tmp_path / data.SHAKESPEARE_FILENAME).read_text().startswith("First Citizen: a tampered")
 
 
-def test_auto_corpus_falls_back_to_pydoc_offline(tmp_path, monkeypatch):
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty cache folder and an unreachable download address; the fallback message not yet printed."""
     monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path))
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/none.txt")
     monkeypatch.setattr(data.shakespeare_path, "__defaults__", (True, "http://127.0.0.1:9/none.txt", 2.0))
+    monkeypatch.setattr(data, "_fallback_reported", False)
+    return tmp_path
+
+
+def test_auto_corpus_falls_back_to_pydoc_offline(offline):
     text, name = data.load_corpus("auto")
     assert name == "pydoc" and text == pydoc_text()
     with pytest.raises(ValueError, match="corpus name"):
         data.load_corpus("wikipedia")
+
+
+def test_fallback_message_prints_once_per_process(offline, capsys):
+    for _ in range(3):
+        assert data.load_corpus("auto")[1] == "pydoc"
+    assert capsys.readouterr().err.count("Shakespeare unavailable") == 1
+
+
+def test_failed_download_leaves_no_part_file(offline):
+    for _ in range(2):
+        with pytest.raises(data.CorpusUnavailableError):
+            data.shakespeare_path()
+    assert list(offline.iterdir()) == []
+
+
+def test_folder_at_the_cache_path_falls_back_with_a_message(offline, capsys):
+    (offline / data.SHAKESPEARE_FILENAME).mkdir()
+    with pytest.raises(data.CorpusUnavailableError, match="not a file"):
+        data.shakespeare_path(download=False)
+    assert data.load_corpus("auto")[1] == "pydoc"
+    assert "not a file" in capsys.readouterr().err
 
 
 def test_char_vocab_round_trip_and_unknown_characters():
@@ -64,8 +91,16 @@ def test_char_vocab_round_trip_and_unknown_characters():
         vocab.encode("xyz")
 
 
+@pytest.mark.parametrize("ids", [[-1], [0, 8], torch.tensor([3, -2])])
+def test_char_vocab_decode_bad_ids(ids):
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 8\)"):
+        CharVocab("hello world").decode(ids)  # 8 distinct characters
+
+
 def test_byte_encoding_matches_utf8():
     assert encode_bytes("héllo ✓").tolist() == list("héllo ✓".encode("utf-8"))
+    empty = encode_bytes("")
+    assert empty.shape == (0,) and empty.dtype == torch.long
 
 
 def test_batches_have_right_shapes_and_stay_inside_data():
@@ -81,11 +116,14 @@ def test_batches_have_right_shapes_and_stay_inside_data():
         assert torch.equal(y - x, torch.ones_like(x))  # consecutive ids: each window is contiguous
 
 
-@pytest.mark.parametrize("kwargs, name", [({"batch_size": 0, "context_length": 4}, "batch_size"),
-                                          ({"batch_size": 2, "context_length": 100}, "context_length")])
-def test_bad_batch_arguments(kwargs, name):
+@pytest.mark.parametrize("data_ids, kwargs, name", [
+    (torch.arange(100), {"batch_size": 0, "context_length": 4}, "batch_size"),
+    (torch.arange(100), {"batch_size": 2, "context_length": 100}, "context_length"),
+    (torch.arange(100).view(10, 10), {"batch_size": 2, "context_length": 4}, "data must be a 1-D"),
+])
+def test_bad_batch_arguments(data_ids, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        random_batch(torch.arange(100), **kwargs)
+        random_batch(data_ids, **kwargs)
     with pytest.raises(ValueError, match="val_fraction"):
         train_val_split(torch.arange(10), 1.5)
 
