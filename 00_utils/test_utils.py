@@ -5,6 +5,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,8 +174,6 @@ def test_results_json_records_environment_and_sanitises(tmp_path):
 
 
 def test_results_json_accepts_numpy_arrays_and_scalars(tmp_path):
-    import numpy as np
-
     path = write_results(tmp_path / "r.json", {"array": np.arange(3), "scalar": np.float32(0.5)}, "cpu")
     assert json.loads(path.read_text())["results"] == {"array": [0, 1, 2], "scalar": 0.5}
 
@@ -196,6 +195,15 @@ def test_learning_rate_schedule_shape():
     assert learning_rate_at(10, config) == pytest.approx(1.0)
     assert learning_rate_at(55, config) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
     assert learning_rate_at(100, config) == pytest.approx(0.1)
+
+
+def test_docstring_warmup_formula_is_the_one_the_code_uses():
+    import training
+
+    assert "lr_max * (step + 1) / warmup" in training.__doc__  # it once said step / warmup
+    config = TrainConfig(steps=50, learning_rate=3e-3, warmup_steps=8)
+    for step in range(config.warmup_steps):
+        assert learning_rate_at(step, config) == pytest.approx(3e-3 * (step + 1) / 8)
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("learning_rate", -1.0), ("min_lr_fraction", 2.0),
@@ -251,6 +259,21 @@ def test_checkpoint_round_trip(tmp_path):
     assert info == {"step": 7, "metadata": {"note": "hi"}}
     assert torch.equal(restored.table.weight, model.table.weight)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("metadata, where", [
+    ({"path": Path("runs/a")}, r"metadata\['path'\]"),
+    ({"loss": np.float64(1.5)}, r"metadata\['loss'\]"),
+    ({"losses": [1.0, object()]}, r"metadata\['losses'\]\[1\]"),
+    ({3: "not a str key"}, "metadata keys must be str"),
+])
+def test_save_checkpoint_refuses_metadata_its_loader_would_refuse(tmp_path, metadata, where):
+    with pytest.raises(TypeError, match=where):
+        save_checkpoint(tmp_path / "ckpt.pt", Bigram(), metadata=metadata)
+    assert not list(tmp_path.iterdir())  # nothing written
+    plain = {"note": "hi", "loss": float("nan"), "sizes": [1, 2], "nested": {"ok": None, "flag": True}}
+    path = save_checkpoint(tmp_path / "ok.pt", Bigram(), metadata=plain)
+    assert load_checkpoint(path, Bigram())["metadata"]["nested"] == {"ok": None, "flag": True}
 
 
 def test_corrupt_checkpoint_gives_clear_error(tmp_path):

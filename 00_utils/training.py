@@ -5,8 +5,13 @@
     on train and validation batches, a progress bar, divergence detection, and checkpoints saved
     atomically and loaded with torch.load(weights_only=True).
 
-    lr(step) = lr_max * step / warmup                                   for step < warmup
-             = lr_min + (lr_max - lr_min) * (1 + cos(pi * progress)) / 2   afterwards
+    lr(step) = lr_max * (step + 1) / warmup                             for step < warmup
+             = lr_min + (lr_max - lr_min) * (1 + cos(pi * progress)) / 2   afterwards,
+    progress = (step - warmup) / (steps - warmup),   steps counted from 0
+
+    The warmup counts step 0 as the first step, so step 0 already trains at lr_max / warmup and step
+    warmup - 1 reaches lr_max (nanoGPT's convention). Schedules written lr_max * step / warmup start
+    at 0 instead: the same ramp one step later, and a different value at every warmup step.
 
 The model is any nn.Module mapping ids (B, T) to logits (B, T, V); pass `loss_fn` for anything else.
 """
@@ -179,16 +184,41 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], tuple], config: Trai
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, step: int = 0,
                     metadata: dict | None = None) -> Path:
-    """Save model (and optimizer) state atomically: a crash mid-write never leaves a broken file behind."""
+    """Save model (and optimizer) state atomically: a crash mid-write never leaves a broken file behind.
+
+    metadata must hold plain JSON-like values (TypeError otherwise, before anything is written), so
+    that load_checkpoint's weights_only=True loader can always read the file back.
+    """
     path = Path(path)
+    metadata = dict(metadata or {})
+    _check_plain("metadata", metadata)  # load_checkpoint's weights_only=True refuses anything else
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "step": int(step), "metadata": dict(metadata or {})}
+    state = {"model": model.state_dict(), "step": int(step), "metadata": metadata}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _check_plain(name: str, value) -> None:
+    """TypeError unless value is built of None, bool, int, float, str, lists, tuples and str-keyed dicts."""
+    # Exact types: subclasses such as numpy.float64 or an IntEnum pickle as classes the loader refuses.
+    if value is None or type(value) in (bool, int, float, str):
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(f"{name}[{i}]", item)
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"{name} keys must be str, got {key!r}")
+            _check_plain(f"{name}[{key!r}]", item)
+        return
+    raise TypeError(f"{name} must hold plain JSON-like values (None, bool, int, float, str, list, dict), "
+                    f"got {type(value).__name__} {value!r}: convert it (str(path), float(x)) before saving")
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None,
