@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from plotting import save_figure
-from results import write_results
+from results import load_average, write_results
 from runtime import DEVICE_CHOICES, describe_device, pick_device, seed_everything
 
 
@@ -47,6 +47,7 @@ class DemoRun:
     show: bool = False
     figures: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    load_at_start: float | None = field(default_factory=load_average)  # shared cores show up here
 
     @property
     def figure_dir(self) -> Path:
@@ -62,7 +63,7 @@ class DemoRun:
     def finish(self, results: dict) -> Path:
         """Write results.json (numbers + environment) and print where everything went."""
         seconds = time.perf_counter() - self.started
-        path = write_results(self.out_dir / "results.json", results, self.device,
+        path = write_results(self.out_dir / "results.json", results, self.device, load_at_start=self.load_at_start,
                              topic=self.topic, quick=self.quick, seed=self.seed, seconds=round(seconds, 2),
                              figures=[p.name for p in self.figures])
         print(f"\n{self.topic}: {len(self.figures)} figures and {path} written in {seconds:.1f} s")

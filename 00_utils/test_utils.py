@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,22 @@ def test_results_json_records_environment_and_sanitises(tmp_path):
     document = json.loads(path.read_text())
     assert document["results"] == {"loss": 1.5, "bad": "nan"}
     assert document["environment"]["torch"] == torch.__version__ and document["topic"] == "x"
+
+
+def test_results_json_records_commit_cpu_threads_and_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    path = write_results(tmp_path / "results.json", {}, "cpu", load_at_start=1.25)
+    env = json.loads(path.read_text())["environment"]
+    assert env["environment_variables"]["OMP_NUM_THREADS"] == "3"
+    assert env["environment_variables"]["MKL_NUM_THREADS"] is None and "OMP_WAIT_POLICY" in env["environment_variables"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["cpu_cores"] == os.cpu_count()
+    assert env["cpu"] and env["cpu"] in env["hardware"]
+    assert env["load_average_1min"]["start"] == 1.25 and env["load_average_1min"]["end"] >= 0
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the commit is HEAD's and the dirty flag a bool
+        assert env["git_commit"] == head.stdout.strip() and isinstance(env["git_dirty"], bool)
 
 
 def test_results_json_accepts_numpy_arrays_and_scalars(tmp_path):
