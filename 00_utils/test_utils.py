@@ -14,6 +14,7 @@ import data
 from data import CharVocab, encode_bytes, pydoc_text, random_batch, train_val_split
 from demo_cli import demo_parser, start_demo
 from results import write_results
+from run_all import run_demo
 from runtime import Timer, pick_device, seed_everything, time_function, track_peak_memory
 from testing import missing
 from training import (CheckpointError, TrainConfig, learning_rate_at, load_checkpoint, save_checkpoint, train)
@@ -323,3 +324,29 @@ def test_unsafe_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"model": Evil()}))
     with pytest.raises(CheckpointError):
         load_checkpoint(path, Bigram())
+
+
+# ----- run_all -----
+
+FAKE_DEMOS = {  # each fake demo.py ignores its flags except --out
+    "ok": "import pathlib, sys; pathlib.Path(sys.argv[sys.argv.index('--out') + 1], 'results.json').write_text('{}')",
+    "fails": "raise SystemExit(3)",
+    "hangs": "import time; time.sleep(60)",
+}
+
+
+@pytest.mark.parametrize("behaviour, status", [("ok", "ok"), ("fails", "FAILED (3)"), ("hangs", "TIMEOUT (2 s)")])
+def test_run_all_marks_failed_runs_and_never_leaves_old_results_current(tmp_path, behaviour, status):
+    script = tmp_path / "99_fake" / "demo.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_DEMOS[behaviour])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "results.json").write_text('{"from": "the previous run"}')
+    row = run_demo(script, quick=True, device="cpu", out_dir=out_dir, timeout=2)
+    assert row["status"] == status
+    if behaviour == "ok":
+        assert (out_dir / "results.json").read_text() == "{}" and not (out_dir / "results.previous.json").exists()
+    else:
+        assert not (out_dir / "results.json").exists()
+        assert "previous run" in (out_dir / "results.previous.json").read_text()
