@@ -41,7 +41,9 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
 
 
-def _check_last_dim(x: torch.Tensor, dim: int) -> None:
+def _check_input(x: torch.Tensor, dim: int) -> None:
+    if not x.is_floating_point():  # integer statistics would truncate: [1, 2, 3, 6] -> [0, 0, 0, 1]
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != dim:
         raise ValueError(f"x must have last dimension dim={dim}, got shape {tuple(x.shape)}")
 
@@ -61,7 +63,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., E) -> (..., E)
-        _check_last_dim(x, self.dim)
+        _check_input(x, self.dim)
         # Statistics in at least float32: in bf16/fp16 the mean of squares loses most of its digits.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = x32.mean(dim=-1, keepdim=True)  # (..., 1)
@@ -89,7 +91,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., E) -> (..., E)
-        _check_last_dim(x, self.dim)
+        _check_input(x, self.dim)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_square = x32.pow(2).mean(dim=-1, keepdim=True)  # (..., 1)
         normalised = (x32 * torch.rsqrt(mean_square + self.eps)).to(x.dtype)

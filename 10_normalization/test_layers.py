@@ -2,6 +2,7 @@
 parameter counts of the 2/3 rule, and bad arguments."""
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -217,50 +218,83 @@ def test_geglu_is_the_gelu_member():
 # --- Bad arguments ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: LayerNorm(0), "dim"),
-    (lambda: LayerNorm(8, eps=0.0), "eps"),
-    (lambda: LayerNorm(8, eps=float("nan")), "eps"),
-    (lambda: RMSNorm(-3), "dim"),
-    (lambda: RMSNorm(8, eps=-1e-5), "eps"),
-    (lambda: gelu(torch.zeros(3), approximate="erf"), "approximate"),
-    (lambda: glu(torch.zeros(3, 5)), "x must have an even size"),
-    (lambda: glu(torch.zeros(3, 4), dim=2), "dim"),
-    (lambda: GeluMLP(0), "embed_dim"),
-    (lambda: GeluMLP(8, hidden_size=0), "hidden_size"),
-    (lambda: GeluMLP(8, approximate="fast"), "approximate"),
-    (lambda: swiglu_hidden_size(0), "embed_dim"),
-    (lambda: swiglu_hidden_size(128, multiple_of=0), "multiple_of"),
-    (lambda: SwiGLU(8, hidden_size=-1), "hidden_size"),
-    (lambda: GatedFeedForward(8, 16, activation="tanh"), "activation"),
-    (lambda: LayerNorm(8)(torch.zeros(2, 7)), "x must have last dimension dim=8"),
-    (lambda: RMSNorm(8)(torch.zeros(2, 7)), "x must have last dimension dim=8"),
+@pytest.mark.parametrize("build, error, name", [
+    (lambda: LayerNorm(0), ValueError, "dim"),
+    (lambda: LayerNorm(8, eps=0.0), ValueError, "eps"),
+    (lambda: LayerNorm(8, eps=float("nan")), ValueError, "eps"),
+    (lambda: RMSNorm(-3), ValueError, "dim"),
+    (lambda: RMSNorm(8, eps=-1e-5), ValueError, "eps"),
+    (lambda: gelu(torch.zeros(3), approximate="erf"), ValueError, "approximate"),
+    (lambda: glu(torch.zeros(3, 5)), ValueError, "x must have an even size"),
+    (lambda: glu(torch.zeros(3, 4), dim=2), ValueError, "dim"),
+    (lambda: GeluMLP(0), ValueError, "embed_dim"),
+    (lambda: GeluMLP(8, hidden_size=0), ValueError, "hidden_size"),
+    (lambda: GeluMLP(8, approximate="fast"), ValueError, "approximate"),
+    (lambda: swiglu_hidden_size(0), ValueError, "embed_dim"),
+    (lambda: swiglu_hidden_size(128, multiple_of=0), ValueError, "multiple_of"),
+    (lambda: SwiGLU(8, hidden_size=-1), ValueError, "hidden_size"),
+    (lambda: GatedFeedForward(8, 16, activation="tanh"), ValueError, "activation"),
+    (lambda: LayerNorm(8)(torch.zeros(2, 7)), ValueError, "x must have last dimension dim=8"),
+    (lambda: RMSNorm(8)(torch.zeros(2, 7)), ValueError, "x must have last dimension dim=8"),
+    (lambda: LayerNorm(8, eps=float("inf")), ValueError, "eps"),
+    (lambda: RMSNorm(8, eps=float("nan")), ValueError, "eps"),
+    (lambda: RMSNorm(8, eps=float("inf")), ValueError, "eps"),
+    (lambda: LayerNorm(4)(torch.tensor([1, 2, 3, 6])), TypeError, "x must be a floating-point tensor"),
+    (lambda: RMSNorm(4)(torch.tensor([1, 2, 3, 6])), TypeError, "x must be a floating-point tensor"),
 ])
-def test_bad_arguments_raise_value_error_naming_the_argument(build, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_arguments_raise_an_error_naming_the_argument(build, error, name):
+    with pytest.raises(error, match=name):
         build()
 
 
 # --- The seam: our layers inside 04's MiniFormer -------------------------------------------------------
 
 
-def _register_scratch_layers():
+@contextmanager
+def scratch_layers_registered():
+    """Register 10's layers in 04's norm/FFN registries, and restore the registries on exit, so that no
+    later test (in any topic) sees names this file added."""
+    import transformer
     from layers import FFN_FACTORIES, NORM_FACTORIES
-    from transformer import register_ffn, register_norm
 
-    for name, factory in NORM_FACTORIES.items():
-        register_norm(name, factory)
-    for name, factory in FFN_FACTORIES.items():
-        register_ffn(name, factory)
+    saved = [(registry, dict(registry)) for registry in (transformer._NORMS, transformer._FFNS)]
+    try:
+        for name, factory in NORM_FACTORIES.items():
+            transformer.register_norm(name, factory)
+        for name, factory in FFN_FACTORIES.items():
+            transformer.register_ffn(name, factory)
+        yield
+    finally:
+        for registry, contents in saved:
+            registry.clear()
+            registry.update(contents)
+
+
+@pytest.fixture
+def scratch_layers():
+    with scratch_layers_registered():
+        yield
+
+
+def test_registering_the_scratch_layers_is_undone_afterwards():
+    from transformer import TransformerConfig
+
+    sizes = dict(vocab_size=5, context_length=4, num_layers=1, num_heads=1, embed_dim=8)
+    with scratch_layers_registered():
+        TransformerConfig(norm="scratch_rmsnorm", ffn="scratch_swiglu", **sizes)  # accepted while registered
+    with pytest.raises(ValueError, match="scratch_rmsnorm"):
+        TransformerConfig(norm="scratch_rmsnorm", **sizes)
+    with pytest.raises(ValueError, match="scratch_swiglu"):
+        TransformerConfig(ffn="scratch_swiglu", **sizes)
 
 
 @pytest.mark.parametrize("norm, ffn", [("layernorm", "gelu"), ("layernorm", "swiglu"), ("rmsnorm", "gelu"),
                                        ("rmsnorm", "swiglu")])
 @pytest.mark.parametrize("placement", ["pre", "post"])
-def test_scratch_layers_in_miniformer_give_the_builtin_models_logits_and_gradients(norm, ffn, placement):
+def test_scratch_layers_in_miniformer_give_the_builtin_models_logits_and_gradients(scratch_layers, norm, ffn,
+                                                                                   placement):
     from transformer import MiniFormer, TransformerConfig
 
-    _register_scratch_layers()
     settings = dict(vocab_size=17, context_length=8, num_layers=2, num_heads=2, embed_dim=24,
                     norm_placement=placement, gelu_approximate="tanh")
     torch.manual_seed(14)
