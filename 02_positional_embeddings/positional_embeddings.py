@@ -36,8 +36,8 @@ def _check_offset(offset: int) -> None:
 
 
 def _check_base(base: float) -> None:
-    if not base > 1.0:
-        raise ValueError(f"base must be > 1, got {base}")
+    if not (base > 1.0 and math.isfinite(base)):
+        raise ValueError(f"base must be a finite number > 1, got {base}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +127,8 @@ def apply_rope(x: torch.Tensor, offset: int = 0, base: float = 10000.0, layout: 
     """
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    if not x.is_floating_point():  # an integer x would be rotated and then truncated back to integers
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (..., T, D), got {tuple(x.shape)}")
     seq_len, head_dim = x.shape[-2], x.shape[-1]

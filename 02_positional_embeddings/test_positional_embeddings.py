@@ -184,18 +184,22 @@ def test_rope_matches_hugging_face_llama(offset):
     torch.testing.assert_close(apply_rope(k, offset=offset, base=theta, layout="half"), k_hf, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda: apply_rope(torch.randn(3, 5, 7)), "head_dim"),
-    (lambda: apply_rope(torch.randn(3, 5, 8), layout="gptj"), r"layout must be one of \('half', 'interleaved'\)"),
-    (lambda: apply_rope(torch.randn(3, 5, 8), offset=-2), "offset"),
-    (lambda: apply_rope(torch.randn(3, 5, 8), positions=torch.arange(4)), "positions"),
-    (lambda: apply_rope(torch.randn(3, 5, 8), base=0.5), "base"),
-    (lambda: apply_rope(torch.randn(8)), "x must have shape"),
-    (lambda: rope_frequencies(5), "head_dim"),
-    (lambda: interleaved_to_half_permutation(3), "head_dim"),
+@pytest.mark.parametrize("call, error, name", [
+    (lambda: apply_rope(torch.randn(3, 5, 7)), ValueError, "head_dim"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), layout="gptj"), ValueError,
+     r"layout must be one of \('half', 'interleaved'\)"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), offset=-2), ValueError, "offset"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), positions=torch.arange(4)), ValueError, "positions"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), base=0.5), ValueError, "base"),
+    (lambda: apply_rope(torch.randn(8)), ValueError, "x must have shape"),
+    (lambda: rope_frequencies(5), ValueError, "head_dim"),
+    (lambda: interleaved_to_half_permutation(3), ValueError, "head_dim"),
+    (lambda: apply_rope(torch.ones(3, 5, 8, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), base=float("inf")), ValueError, "base"),
+    (lambda: apply_rope(torch.randn(3, 5, 8), base=float("nan")), ValueError, "base"),
 ])
-def test_rope_bad_arguments(call, name):
-    with pytest.raises(ValueError, match=name):
+def test_rope_bad_arguments(call, error, name):
+    with pytest.raises(error, match=name):
         call()
 
 
