@@ -15,6 +15,8 @@ between groups of related tokens), and the skip-gram model of word2vec (SkipGram
 noise_distribution, skipgram_batch) whose embedding table the demo trains on BPE tokens.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +26,16 @@ def one_hot(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """One-hot float vectors of ids: shape ids.shape + (vocab_size,)."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    _check_ids(ids, vocab_size)
+    return F.one_hot(ids.long(), vocab_size).float()
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Integer token ids in [0, vocab_size); float ids are refused rather than truncated (2.7 -> 2)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"ids must be in [0, {vocab_size}), got values in [{ids.min()}, {ids.max()}]")
-    return F.one_hot(ids.long(), vocab_size).float()
 
 
 def cosine_similarity_matrix(vectors: torch.Tensor) -> torch.Tensor:
@@ -105,6 +114,13 @@ def skipgram_loss(model: SkipGram, centers: torch.Tensor, candidates: torch.Tens
 def noise_distribution(ids: torch.Tensor, vocab_size: int, power: float = 0.75) -> torch.Tensor:
     """P(token) proportional to count(token) ** power: word2vec's choice of 3/4 samples rare tokens more
     often than their frequency."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if ids.numel() == 0:  # no counts: every probability would be 0 / 0
+        raise ValueError("ids must hold at least one token id, got an empty tensor")
+    _check_ids(ids, vocab_size)  # an id >= vocab_size would lengthen the distribution past V
+    if not math.isfinite(power):
+        raise ValueError(f"power must be a finite number, got {power}")
     counts = torch.bincount(ids.flatten().long(), minlength=vocab_size).double()
     weights = counts ** power
     return (weights / weights.sum()).float()  # (V,)

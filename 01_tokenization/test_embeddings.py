@@ -104,19 +104,26 @@ def test_interchangeable_tokens_learn_similar_embeddings(one_thread):
     assert within > between + 0.5, (within, between)
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: one_hot(torch.tensor([0, 5]), 5), "ids"),
-    (lambda: one_hot(torch.tensor([0]), 0), "vocab_size"),
-    (lambda: cosine_similarity_matrix(torch.ones(3)), "vectors"),
-    (lambda: nearest_neighbours(torch.ones(4, 2), 4), "query_id"),
-    (lambda: nearest_neighbours(torch.ones(4, 2), 0, k=4), "k"),
-    (lambda: group_cosine(torch.ones(4, 2), [[0, 1]]), "groups"),
-    (lambda: group_cosine(torch.ones(4, 2), [[0, 1], [2]]), "groups"),
-    (lambda: SkipGram(0), "vocab_size"),
-    (lambda: SkipGram(10, embed_dim=0), "embed_dim"),
-    (lambda: skipgram_batch(torch.arange(10), 4, 5, torch.ones(10) / 10), "window"),
-    (lambda: skipgram_batch(torch.arange(10), 0, 1, torch.ones(10) / 10), "batch_size"),
+@pytest.mark.parametrize("call, error, argument", [
+    (lambda: one_hot(torch.tensor([0, 5]), 5), ValueError, "ids"),
+    (lambda: one_hot(torch.tensor([0]), 0), ValueError, "vocab_size"),
+    (lambda: cosine_similarity_matrix(torch.ones(3)), ValueError, "vectors"),
+    (lambda: nearest_neighbours(torch.ones(4, 2), 4), ValueError, "query_id"),
+    (lambda: nearest_neighbours(torch.ones(4, 2), 0, k=4), ValueError, "k"),
+    (lambda: group_cosine(torch.ones(4, 2), [[0, 1]]), ValueError, "groups"),
+    (lambda: group_cosine(torch.ones(4, 2), [[0, 1], [2]]), ValueError, "groups"),
+    (lambda: SkipGram(0), ValueError, "vocab_size"),
+    (lambda: SkipGram(10, embed_dim=0), ValueError, "embed_dim"),
+    (lambda: skipgram_batch(torch.arange(10), 4, 5, torch.ones(10) / 10), ValueError, "window"),
+    (lambda: skipgram_batch(torch.arange(10), 0, 1, torch.ones(10) / 10), ValueError, "batch_size"),
+    (lambda: one_hot(torch.tensor([0.0, 2.7]), 5), TypeError, "ids must be an integer tensor"),
+    (lambda: one_hot(torch.tensor([-1, 2]), 5), ValueError, "ids"),
+    (lambda: noise_distribution(torch.tensor([0, 1, 7]), 4), ValueError, r"ids must be in \[0, 4\)"),
+    (lambda: noise_distribution(torch.tensor([], dtype=torch.long), 4), ValueError, "ids must hold at least one"),
+    (lambda: noise_distribution(torch.tensor([0.5, 1.0]), 4), TypeError, "ids must be an integer tensor"),
+    (lambda: noise_distribution(torch.tensor([0, 1]), 0), ValueError, "vocab_size"),
+    (lambda: noise_distribution(torch.tensor([0, 1]), 4, power=float("nan")), ValueError, "power"),
 ])
-def test_bad_arguments_are_refused(call, argument):
-    with pytest.raises(ValueError, match=argument):
+def test_bad_arguments_are_refused(call, error, argument):
+    with pytest.raises(error, match=argument):
         call()
