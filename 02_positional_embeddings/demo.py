@@ -29,7 +29,8 @@ from plotting import bar, heatmap, line, panels  # noqa: E402
 from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding  # noqa: E402
 from runtime import Timer, seed_everything  # noqa: E402
 from training import train  # noqa: E402
-from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+from transformer import MiniFormer  # noqa: E402
 
 ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 LENGTH_FACTORS = (1, 2, 4, 8)

@@ -29,7 +29,8 @@ from plotting import panels as plot_panels  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402  (after plotting, which picks the backend)
 from runtime import time_function, track_peak_memory  # noqa: E402
 from training import evaluate, train  # noqa: E402
-from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+from transformer import MiniFormer  # noqa: E402
 
 SIZES = {  # quick and full differ only in sizes
     "quick": dict(train_steps=150, diversity_windows=16, map_length=32, scale_dims=[4, 16, 64, 256, 1024],

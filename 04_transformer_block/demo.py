@@ -23,8 +23,9 @@ from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
 from plotting import bar, line, panels  # noqa: E402
 from runtime import Timer, describe_device  # noqa: E402
 from training import evaluate, next_token_loss, train  # noqa: E402
-from transformer import (ConcatKVCache, MiniFormer, char_shakespeare_batches, lab_model_config,  # noqa: E402
-                         lab_train_config, miniformer_from_hf_gpt2, miniformer_from_hf_llama)
+from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama  # noqa: E402
+from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
+from transformer import ConcatKVCache, MiniFormer  # noqa: E402
 
 # nanoGPT README, "quick start" CPU run of the same configuration: "This still runs in about ~3 minutes,
 # but gets us a loss of only 1.88". Quoted for comparison, never measured here.
@@ -340,7 +341,11 @@ def _wrong_rmsnorm_eps(ours, ids):
 
 
 def _top_left_causal_with_cache(ours, ids):
-    ours._attention_mask = lambda *args: None  # always SDPA's is_causal=True, even when a cache is used
+    def top_left_causal(q, k, v, context):  # SDPA's is_causal=True even when a cache is used
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), None
+
+    for block in ours.blocks:
+        block.attn.attend = top_left_causal
     cache = ConcatKVCache()
     return torch.cat([ours(ids[:, t:t + 1], kv_cache=cache) for t in range(ids.shape[1])], dim=1)
 

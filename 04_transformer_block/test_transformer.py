@@ -6,9 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from transformer import (ConcatKVCache, MiniFormer, POSITIONS, TransformerConfig, char_shakespeare_batches,
-                         lab_model_config, miniformer_from_hf_gpt2, miniformer_from_hf_llama, register_ffn,
-                         register_norm)
+from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama
+from lab import lab_model_config
+from transformer import (ConcatKVCache, MiniFormer, POSITIONS, TransformerConfig, register_ffn, register_norm,
+                         unregister)
 
 
 def tiny_config(**overrides) -> TransformerConfig:
@@ -241,28 +242,15 @@ def test_registered_norm_and_ffn_are_used():
 
     register_norm("test_scaled", ScaledNorm)
     register_ffn("test_zero", ZeroFFN)
-    model = build(tiny_config(norm="test_scaled", ffn="test_zero"))
-    assert isinstance(model.blocks[0].norm1, ScaledNorm) and isinstance(model.blocks[1].ffn, ZeroFFN)
-    assert model(random_ids(model.config)).shape == (2, 24, 37)
-
-
-def test_lab_model_config_is_the_nanogpt_reference_size():
-    config = lab_model_config(65, dropout=0.1)
-    assert (config.num_layers, config.num_heads, config.embed_dim, config.context_length) == (4, 4, 128, 64)
-    assert (config.norm_placement, config.norm, config.ffn, config.position) == ("pre", "layernorm", "gelu", "learned")
-    assert config.tie_weights and config.dropout == 0.1
-
-
-def test_char_shakespeare_batches_shapes_and_targets():
-    batch_fn, vocab, _ = char_shakespeare_batches(context_length=16, batch_size=3, device="cpu",
-                                                  generator=torch.Generator().manual_seed(0))
-    for split in ("train", "val"):
-        x, y = batch_fn(split)
-        assert x.shape == y.shape == (3, 16)
-        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-        assert int(x.max()) < vocab.size
-    with pytest.raises(ValueError, match="split"):
-        batch_fn("test")
+    try:
+        model = build(tiny_config(norm="test_scaled", ffn="test_zero"))
+        assert isinstance(model.blocks[0].norm1, ScaledNorm) and isinstance(model.blocks[1].ffn, ZeroFFN)
+        assert model(random_ids(model.config)).shape == (2, 24, 37)
+    finally:  # leave the global registries as the other tests expect them
+        unregister("norm", "test_scaled")
+        unregister("ffn", "test_zero")
+    with pytest.raises(ValueError, match="norm"):
+        tiny_config(norm="test_scaled")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,3 +297,188 @@ def test_learned_positions_beyond_the_context_raise():
     model = build(tiny_config(position="learned"))
     with pytest.raises(ValueError, match="max_positions"):
         model(random_ids(model.config, length=25))
+
+
+# ------------------------------------------------------------------------------------------------
+# Seams for later topics: attention registry, cache protocol, attention weights, residual marking,
+# the one generation loop
+# ------------------------------------------------------------------------------------------------
+
+class ShuffledKVCache(ConcatKVCache):
+    """Holds the same keys as ConcatKVCache but hands them to attention in a scrambled order, with their
+    positions: attention must follow key_positions, not assume keys 0 .. T-1 in order."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.orders = {}
+
+    def update(self, layer_index, k, v):
+        k_all, v_all = super().update(layer_index, k, v)
+        order = torch.randperm(k_all.shape[2], generator=self.generator)
+        self.orders[layer_index] = order
+        return k_all[:, :, order], v_all[:, :, order]
+
+    def key_positions(self, layer_index):
+        return super().key_positions(layer_index)[self.orders[layer_index]]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_attention_follows_the_positions_the_cache_reports(position):
+    config = tiny_config(position=position, num_kv_heads=2)
+    model = build(config)
+    ids = random_ids(config, length=18)
+    cache = ShuffledKVCache()
+    with torch.no_grad():
+        full = model(ids)
+        pieces = [model(ids[:, :6], kv_cache=cache), model(ids[:, 6:11], kv_cache=cache)]  # chunked prefill
+        pieces += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(11, 18)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_cache_rejects_an_offset_that_disagrees_with_what_it_holds():
+    config = tiny_config()
+    model = build(config)
+    ids = random_ids(config, length=8)
+    cache = ConcatKVCache()
+    with torch.no_grad():
+        model(ids[:, :4], kv_cache=cache)
+        cache.offset = 0  # a "reset" that forgot the keys: attention would silently be wrong
+        with pytest.raises(ValueError, match="offset"):
+            model(ids[:, 4:5], kv_cache=cache)
+        cache = ConcatKVCache()
+        model(ids[:, :4], kv_cache=cache)
+        with pytest.raises(ValueError, match="batch size"):
+            model(ids[:1, 4:5], kv_cache=cache)
+
+
+@pytest.mark.parametrize("position", ["learned", "alibi", "rope"])
+def test_returned_attention_weights_are_causal_distributions_and_change_nothing(position):
+    config = tiny_config(position=position, num_kv_heads=2)
+    model = build(config)
+    ids = random_ids(config, length=10)
+    with torch.no_grad():
+        logits, weights = model(ids, return_attention=True)
+        torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
+    assert len(weights) == config.num_layers
+    for layer_weights in weights:
+        assert layer_weights.shape == (2, config.num_heads, 10, 10)
+        torch.testing.assert_close(layer_weights.sum(-1), torch.ones(2, config.num_heads, 10))
+        assert torch.all(layer_weights.triu(diagonal=1) == 0)  # nothing flows from the future
+
+
+def test_attention_weights_of_layer_zero_equal_softmax_of_scores_by_hand():
+    config = tiny_config(position="none", num_layers=1)
+    model = build(config)
+    ids = random_ids(config, batch=1, length=6)
+    with torch.no_grad():
+        _, (weights,) = model(ids, return_attention=True)
+        x = model.blocks[0].norm1(model.token_embedding(ids))
+        q, k, _ = model.blocks[0].attn.qkv(x).split(config.embed_dim, dim=-1)
+        q = q.view(1, 6, config.num_heads, config.head_dim).transpose(1, 2)
+        k = k.view(1, 6, config.num_heads, config.head_dim).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / config.head_dim ** 0.5
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(weights, scores.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_a_registered_attention_module_is_built_and_used():
+    from transformer import CausalSelfAttention, register_attention
+
+    class UniformAttention(CausalSelfAttention):
+        """Every query reads the mean of the values it may see: scores all zero."""
+
+        def attend(self, q, k, v, context):
+            return super().attend(torch.zeros_like(q), k, v, context)
+
+    register_attention("test_uniform", UniformAttention)
+    try:
+        model = build(tiny_config(attention_module="test_uniform", position="none", num_layers=1))
+        ids = random_ids(model.config, length=5)
+        with torch.no_grad():
+            _, (weights,) = model(ids, return_attention=True)
+        expected = torch.tril(torch.ones(5, 5)) / torch.arange(1, 6)[:, None]
+        torch.testing.assert_close(weights[0, 0], expected)
+    finally:
+        unregister("attention", "test_uniform")
+
+
+def test_depth_scaled_init_follows_the_mark_not_the_name():
+    from transformer import mark_residual_projection
+
+    class OddlyNamedFFN(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.expand = torch.nn.Linear(config.embed_dim, 4 * config.embed_dim)
+            self.write_back = mark_residual_projection(torch.nn.Linear(4 * config.embed_dim, config.embed_dim))
+
+        def forward(self, x):
+            return self.write_back(torch.relu(self.expand(x)))
+
+    register_ffn("test_oddly_named", OddlyNamedFFN)
+    try:
+        model = build(lab_model_config(65, num_layers=8, embed_dim=256, ffn="test_oddly_named"))
+    finally:
+        unregister("ffn", "test_oddly_named")
+    expected = 0.02 / (2 * 8) ** 0.5
+    assert abs(model.blocks[0].ffn.write_back.weight.std().item() - expected) < 0.1 * expected
+    assert abs(model.blocks[0].ffn.expand.weight.std().item() - 0.02) < 0.002
+
+
+def test_generate_uses_the_given_sampler_and_cache():
+    config = tiny_config(context_length=12)
+    model = build(config)
+    prompt = random_ids(config, batch=2, length=3)
+    seen_lengths, caches = [], []
+
+    def always_token_7(logits, tokens):
+        seen_lengths.append(tokens.shape[1])
+        return torch.full((logits.shape[0], 1), 7)
+
+    def counting_cache():
+        caches.append(ConcatKVCache())
+        return caches[-1]
+
+    out = model.generate(prompt, 15, sampler=always_token_7, cache_factory=counting_cache)
+    assert torch.all(out[:, 3:] == 7) and seen_lengths == list(range(3, 18))
+    # one cache fills to the 12-token context (3 prompt + 9 decoded); after that the window slides, learned
+    # positions shift, and each of the last 5 steps refills a new cache from the last 12 tokens
+    assert len(caches) == 1 + 5
+    greedy = model.generate(prompt, 15, sampler=lambda logits, tokens: logits.argmax(-1, keepdim=True))
+    assert torch.equal(greedy, model.generate(prompt, 15, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[0, 1, 37]]), "allowed range"),  # vocab_size is 37
+    (torch.tensor([[0, -1, 2]]), "allowed range"),
+    (torch.tensor([[0.0, 1.0]]), "integer"),
+    (torch.tensor([1, 2, 3]), "shape"),
+    (torch.zeros(2, 0, dtype=torch.long), "shape"),
+])
+def test_bad_token_ids_raise_value_error_naming_idx(ids, message):
+    model = build(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match="idx"):
+        model.generate(ids, 2)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=2.5), "top_k"), (dict(max_new_tokens=1.5), "max_new_tokens"), (dict(sampler=3), "sampler"),
+])
+def test_non_finite_or_mistyped_generate_arguments_raise(kwargs, name):
+    model = build(tiny_config())
+    arguments = dict(max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=name):
+        model.generate(random_ids(model.config, length=3), **arguments)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(norm_eps=float("nan")), "norm_eps"), (dict(norm_eps=float("inf")), "norm_eps"),
+    (dict(rope_base=float("inf")), "rope_base"), (dict(num_kv_heads=2.0), "num_kv_heads"),
+    (dict(attention_module="windowed"), "attention_module"), (dict(dropout=float("nan")), "dropout"),
+])
+def test_non_finite_or_mistyped_config_values_raise(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)

@@ -30,7 +30,8 @@ from layers import (FFN_FACTORIES, NORM_FACTORIES, GeluMLP, LayerNorm, RMSNorm, 
 from plotting import line, panels
 from runtime import Timer, seed_everything
 from training import TrainConfig, train
-from transformer import MiniFormer, char_shakespeare_batches, lab_model_config, register_ffn, register_norm
+from lab import char_shakespeare_batches, lab_model_config
+from transformer import MiniFormer, register_ffn, register_norm
 
 SIZES = {
     "quick": dict(batch_size=12, train_steps=30, seeds=2, eval_interval=15, eval_batches=4, sweep_steps=20,
@@ -182,8 +183,8 @@ def time_layers(run, batch_size: int, repeats: int, calls: int) -> dict:
         "GELU exact": (gelu, F.gelu, hidden),
         "GELU tanh": (partial(gelu, approximate="tanh"), partial(F.gelu, approximate="tanh"), hidden),
         "SiLU": (silu, F.silu, hidden),
-        "GELU MLP (4x)": (GeluMLP(E), transformer.GeluMLP(config), stream),
-        "SwiGLU (2/3 rule)": (SwiGLU(E, bias=True), transformer.SwiGLU(swiglu_config), stream),
+        "GELU MLP (4x)": (GeluMLP(E), transformer.TorchGeluMLP(config), stream),
+        "SwiGLU (2/3 rule)": (SwiGLU(E, bias=True), transformer.TorchSwiGLU(swiglu_config), stream),
     }
 
     def forward_backward(layer, inputs):
