@@ -74,6 +74,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same last dim (head size), got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}")
+    if q.shape[-1] == 0:  # 1/sqrt(0): nothing to compare
+        raise ValueError(f"the head dim D of q and k must be >= 1, got q {tuple(q.shape)}")
+    # Zero queries is refused like zero keys (as causal_mask does), rather than returning an empty tensor.
+    if q.shape[-2] == 0:
+        raise ValueError(f"q must hold at least one query (Tq >= 1), got shape {tuple(q.shape)}")
+    if k.shape[-2] == 0:  # a softmax over no keys has no value
+        raise ValueError(f"k must hold at least one key (Tk >= 1), got shape {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same length (dim -2), got k {tuple(k.shape)} "
                          f"and v {tuple(v.shape)}")
@@ -87,8 +94,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0 (or None for 1/sqrt(head_dim)), got {scale}")
+    if not (scale > 0 and math.isfinite(scale)):  # inf turns every score into inf or nan
+        raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(head_dim)), got {scale}")
     return float(scale)
 
 
@@ -96,7 +103,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  is_causal: bool = False, scale: float | None = None, return_weights: bool = False):
     """softmax(q k^T * scale + mask) v, written out (the "naive" attention that forms all scores).
 
-    q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv); any leading dims that broadcast work.
+    q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv); any leading dims that broadcast work. Tq, Tk
+    and D must be >= 1: zero queries, zero keys or D = 0 raise ValueError (never an empty or zero result).
     mask: bool (True = may attend) or additive float, broadcastable to (B, H, Tq, Tk).
     is_causal: also apply causal_mask(Tq, Tk) (end-aligned; see causal_mask).
     Returns output (B, H, Tq, Dv), or (output, weights (B, H, Tq, Tk)) when return_weights.
@@ -217,7 +225,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal
     at a time, combined with the online-softmax recurrence in the module docstring. With is_causal,
     key blocks entirely in a query block's future are skipped (the work saving of FlashAttention).
     The statistics are kept in float32 for half-precision inputs. Autograd works through the loop but
-    stores every tile for the backward pass; FlashAttention instead recomputes them.
+    stores every tile for the backward pass; FlashAttention instead recomputes them. Shapes and bad
+    arguments as in scaled_dot_product_attention (zero queries or keys raise ValueError).
     """
     _check_qkv(q, k, v)
     if block_size < 1:

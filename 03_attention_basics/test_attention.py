@@ -286,6 +286,9 @@ def qkv_with(**shapes):
     ({"v": (1, 2, 5, 8)}, "k and v"),
     ({"q": (8,)}, "q must have at least 2 dims"),
     ({"k": (3, 2, 6, 8), "v": (3, 2, 6, 8), "q": (2, 2, 4, 8)}, "do not broadcast"),
+    ({"k": (1, 2, 0, 8), "v": (1, 2, 0, 8)}, r"k must hold at least one key \(Tk >= 1\)"),
+    ({"q": (1, 2, 0, 8)}, r"q must hold at least one query \(Tq >= 1\)"),
+    ({"q": (1, 2, 4, 0), "k": (1, 2, 6, 0)}, "head dim D of q and k must be >= 1"),
 ])
 def test_bad_shapes_raise_clear_errors(attention, shapes, message):
     with pytest.raises(ValueError, match=message):
@@ -293,10 +296,15 @@ def test_bad_shapes_raise_clear_errors(attention, shapes, message):
 
 
 @pytest.mark.parametrize("attention", [scaled_dot_product_attention, tiled_attention])
-def test_bad_scale_and_causal_lengths(attention):
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan")])
+def test_bad_scale_is_refused(attention, scale):
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        attention(*qkv_with(), scale=scale)
+
+
+@pytest.mark.parametrize("attention", [scaled_dot_product_attention, tiled_attention])
+def test_bad_causal_lengths(attention):
     q, k, v = qkv_with()
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        attention(q, k, v, scale=0.0)
     with pytest.raises(ValueError, match="query_length must be <= key_length"):
         attention(k, q, q, is_causal=True)  # 6 queries, 4 keys
 
