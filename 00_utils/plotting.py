@@ -32,9 +32,15 @@ plt.rcParams.update({
 })
 
 
-def panels(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.6, title: str | None = None):
-    """A figure of nrows x ncols panels, each about width x height inches; returns (fig, flat list of axes)."""
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+def panels(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.6, title: str | None = None,
+           constrained: bool = False):
+    """A figure of nrows x ncols panels, each about width x height inches; returns (fig, flat list of axes).
+
+    constrained=True uses matplotlib's constrained layout, which keeps a suptitle, colour bars and axis
+    labels from overlapping in dense grids (heatmaps with colour bars, many panels).
+    """
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                             layout="constrained" if constrained else None)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
     return fig, list(axes.flat)

@@ -204,6 +204,19 @@ def test_demo_cli_defaults_and_out(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["results"]["answer"] == 42
 
 
+# ----- plotting -----
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_panels_flat_axes_and_constrained_layout(constrained):
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+    from plotting import panels, plt
+
+    fig, axes = panels(2, 3, width=2.0, height=1.5, title="t", constrained=constrained)
+    assert len(axes) == 6 and tuple(fig.get_size_inches()) == (6.0, 3.0)
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine) == constrained
+    plt.close(fig)
+
+
 # ----- training loop and checkpoints -----
 
 def test_learning_rate_schedule_shape():
