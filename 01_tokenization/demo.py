@@ -474,7 +474,8 @@ def break_it(run, trained: dict, train_text: str, heldout: str, sizes: dict) -> 
     print("[break_it] (4) forgetting to register the special token")
     eot = "<|endoftext|>"
     registered = Tokenizer(tokenizer.vocab, tokenizer.merges, [eot], pattern="gpt4")
-    special = {"tokens_when_registered": len(registered.encode(eot)), "tokens_when_not": len(tokenizer.encode(eot)),
+    special = {"tokens_when_registered": len(registered.encode(eot, allowed_special="all")),
+               "tokens_when_not": len(tokenizer.encode(eot)),
                "pieces_when_not": [show_token(tokenizer.vocab[i]) for i in tokenizer.encode(eot)]}
 
     fig, axes = panels(2, 2, width=5.2, height=3.8, title="Break it: each shortcut costs something measurable")
