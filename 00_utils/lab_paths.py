@@ -6,9 +6,10 @@ unique across the repository (``bpe``, ``attention``, ``transformer`` ...). A de
 
     import pathlib, sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-    import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+    import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
 and can then write ``from transformer import MiniFormer`` or ``from training import train``.
+The imports after these lines need no ``# noqa: E402``: pyproject.toml exempts every demo.py.
 The root ``conftest.py`` imports this module for pytest. Folders are appended, so the running
 script's own folder (``sys.path[0]``) always wins.
 """
