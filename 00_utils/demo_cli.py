@@ -60,10 +60,11 @@ class DemoRun:
         print(f"  figure: {path}")
         return path
 
-    def finish(self, results: dict) -> Path:
-        """Write results.json (numbers + environment) and print where everything went."""
+    def finish(self, results: dict, filename: str = "results.json") -> Path:
+        """Write results.json (numbers + environment) and print where everything went. A partial run (a
+        demo's --only, a benchmark script) passes its own filename so it never overwrites the full run's."""
         seconds = time.perf_counter() - self.started
-        path = write_results(self.out_dir / "results.json", results, self.device, load_at_start=self.load_at_start,
+        path = write_results(self.out_dir / filename, results, self.device, load_at_start=self.load_at_start,
                              topic=self.topic, quick=self.quick, seed=self.seed, seconds=round(seconds, 2),
                              figures=[p.name for p in self.figures])
         print(f"\n{self.topic}: {len(self.figures)} figures and {path} written in {seconds:.1f} s")
