@@ -9,28 +9,27 @@ formula B*H*T^2*bytes drawn beside the measurement).
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-import copy  # noqa: E402
-import ctypes  # noqa: E402
-import math  # noqa: E402
-from itertools import combinations  # noqa: E402
+import copy
+import ctypes
+import math
+from itertools import combinations
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from attention import (attention_entropy, naive_score_memory_bytes, scaled_dot_product_attention,  # noqa: E402
+from attention import (attention_entropy, naive_score_memory_bytes, scaled_dot_product_attention,
                        tiled_attention)
-from data import load_corpus  # noqa: E402
-from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
-from plotting import heatmap, line, scatter  # noqa: E402
-from plotting import panels as plot_panels  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402  (after plotting, which picks the backend)
-from runtime import time_function, track_peak_memory  # noqa: E402
-from training import evaluate, train  # noqa: E402
-from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
-from transformer import MiniFormer  # noqa: E402
+from data import load_corpus
+from demo_cli import demo_parser, print_table, start_demo
+from plotting import heatmap, line, panels, scatter
+import matplotlib.pyplot as plt  # after plotting, which picks the backend
+from runtime import time_function, track_peak_memory
+from training import evaluate, train
+from lab import char_shakespeare_batches, lab_model_config, lab_train_config
+from transformer import MiniFormer
 
 SIZES = {  # quick and full differ only in sizes
     "quick": dict(train_steps=150, diversity_windows=16, map_length=32, scale_dims=[4, 16, 64, 256, 1024],
@@ -41,13 +40,6 @@ SIZES = {  # quick and full differ only in sizes
                  bench_lengths=[256, 512, 1024, 2048, 4096, 8192], bench_heads=4, bench_head_dim=64,
                  block_size=512, sweep_length=4096, sweep_blocks=[32, 64, 128, 256, 512, 1024, 2048]),
 }
-
-
-def panels(*args, **kwargs):
-    """plotting.panels with constrained layout, so suptitles, colour bars and labels never overlap."""
-    fig, axes = plot_panels(*args, **kwargs)
-    fig.set_layout_engine("constrained")
-    return fig, axes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,7 +133,7 @@ def experiment_attention_maps(run, model, vocab, corpus_text, map_length, head_s
     _, weights_per_layer = forward_with_attention(model, idx)
     config = model.config
     labels = [{"\n": "¶", " ": "·"}.get(ch, ch) for ch in passage]
-    fig, axes = panels(config.num_layers, config.num_heads, width=4.6, height=4.2,
+    fig, axes = panels(config.num_layers, config.num_heads, width=4.6, height=4.2, constrained=True,
                        title=f"Trained heads specialise: attention weights of all {config.num_layers * config.num_heads}"
                              f" heads on a validation passage (titles: pattern measured over validation windows)")
     patterns = []
@@ -207,7 +199,7 @@ def experiment_head_diversity(run, model, untrained, windows):
     trained_layer_div = within_layer_mean(trained_div, config.num_layers, config.num_heads)
     init_layer_div = within_layer_mean(init_div, config.num_layers, config.num_heads)
 
-    fig, axes = panels(1, 3, width=5.8, height=4.8,
+    fig, axes = panels(1, 3, width=5.8, height=4.8, constrained=True,
                        title=f"Training makes heads diverse: mean JS divergence between heads "
                              f"{np.mean(trained_layer_div):.3f} nats trained vs {np.mean(init_layer_div):.4f} at init")
     colors = [plt.get_cmap("tab10")(i) for i in range(config.num_layers)]
@@ -313,7 +305,7 @@ def experiment_scale(run, model, windows, head_dims):
     }
 
     dims = [r["d"] for r in rows]
-    fig, axes = panels(1, 4, width=4.8, height=4.2,
+    fig, axes = panels(1, 4, width=4.8, height=4.2, constrained=True,
                        title=f"Without 1/sqrt(d) the softmax saturates as d grows: at d={dims[-1]} "
                              f"{100 * rows[-1]['saturated_unscaled']:.0f}% of rows put >99% on one key")
     line(axes[0], dims, {"with 1/sqrt(d)": [r["score_std_scaled"] for r in rows],
@@ -438,7 +430,7 @@ def experiment_scaling(run, lengths, num_heads, head_dim, block_size, sweep_leng
     exponents = {name: growth_exponent(lengths, [r["peak_MiB"] for r in rows if r["method"] == name])
                  for name in methods}
     naive_name, tiled_name, sdpa_name = list(methods)[:3]
-    fig, axes = panels(1, 3, width=5.6, height=4.8,
+    fig, axes = panels(1, 3, width=5.6, height=4.8, constrained=True,
                        title=f"Over the last doubling of T, peak memory grows as T^{exponents[naive_name]:.1f} (naive), "
                              f"T^{exponents[tiled_name]:.1f} (tiled), T^{exponents[sdpa_name]:.1f} (SDPA)\n"
                              f"causal forward, B=1, H={num_heads}, d={head_dim}, {str(dtype).replace('torch.', '')}")
