@@ -22,14 +22,15 @@ def is_core_module(path: Path) -> bool:
     return path.suffix == ".py" and not path.name.startswith("test_") and path.name not in ("demo.py", "conftest.py")
 
 
+def core_module_paths(topic_dirs=TOPIC_DIRS) -> list[Path]:
+    return [path for folder in topic_dirs for path in sorted(folder.glob("*.py")) if is_core_module(path)]
+
+
 def core_modules(topic_dirs=TOPIC_DIRS) -> dict[str, Path]:
-    """{module name: path} for every core module; names must be unique because every folder is on sys.path."""
+    """{module name: path} for every core module (the first folder wins, as on sys.path)."""
     modules = {}
-    for folder in topic_dirs:
-        for path in sorted(folder.glob("*.py")):
-            if is_core_module(path):
-                assert path.stem not in modules, f"module name {path.stem!r} is used by {modules[path.stem]} and {path}"
-                modules[path.stem] = path
+    for path in core_module_paths(topic_dirs):
+        modules.setdefault(path.stem, path)
     return modules
 
 
@@ -53,6 +54,14 @@ def later_topic_imports(path: Path, module_topics: dict[str, int]) -> list[str]:
 
 MODULES = core_modules()
 MODULE_TOPICS = {name: topic_number(path.parent) for name, path in MODULES.items()}
+
+
+def test_core_module_names_are_unique():
+    # Every topic folder is on sys.path, so a second module of the same name could never be imported.
+    paths = core_module_paths()
+    names = [path.stem for path in paths]
+    duplicates = sorted(str(path) for path in paths if names.count(path.stem) > 1)
+    assert not duplicates, f"module names used twice: {duplicates}"
 
 
 def test_core_modules_are_found_in_every_topic_with_code():
