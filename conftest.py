@@ -2,7 +2,7 @@
 
 Every NN_topic folder goes on sys.path through 00_utils/lab_paths.py, the same mechanism the demos
 use. When ../shared/data/tinyshakespeare.txt exists beside the checkout (as in CI) and LLM_LAB_DATA
-is not set, tests use that copy instead of downloading; without it the Shakespeare tests skip.
+is not set, tests use that copy instead of downloading; without it the Shakespeare tests skip (fail under CI=true).
 Tests import optional references with ``testing.require("tiktoken")`` (00_utils/testing.py): a skip
 on a learner's machine, a failure under CI=true.
 """
