@@ -10,7 +10,7 @@
     progress = (step - warmup) / (steps - warmup),   steps counted from 0
 
     The warmup counts step 0 as the first step, so step 0 already trains at lr_max / warmup and step
-    warmup - 1 reaches lr_max (nanoGPT's convention). Schedules written lr_max * step / warmup start
+    warmup - 1 reaches lr_max. Schedules written lr_max * step / warmup (as in many courses) start
     at 0 instead: the same ramp one step later, and a different value at every warmup step.
 
 The model is any nn.Module mapping ids (B, T) to logits (B, T, V); pass `loss_fn` for anything else.
