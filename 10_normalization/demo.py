@@ -13,7 +13,7 @@ Four experiments, each drawing one figure:
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
 import math
 from functools import partial
@@ -28,16 +28,17 @@ from demo_cli import demo_parser, print_table, start_demo
 from layers import (FFN_FACTORIES, NORM_FACTORIES, GeluMLP, LayerNorm, RMSNorm, SwiGLU, gelu, glu,
                     silu)
 from plotting import line, panels
-from runtime import Timer, seed_everything
-from training import TrainConfig, train
-from lab import char_shakespeare_batches, lab_model_config
-from transformer import MiniFormer, register_ffn, register_norm
+import matplotlib.pyplot as plt  # after plotting, which picks the backend
+from runtime import Timer
+from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant, unigram_loss
+from transformer import register_ffn, register_norm
 
 SIZES = {
-    "quick": dict(batch_size=12, train_steps=30, seeds=2, eval_interval=15, eval_batches=4, sweep_steps=20,
-                  sweep_eval_batches=4, sweep_lrs=(1e-3, 1.0), timing_repeats=3, timing_calls=3),
-    "full": dict(batch_size=12, train_steps=400, seeds=2, eval_interval=50, eval_batches=20, sweep_steps=100,
-                 sweep_eval_batches=10, sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+    "quick": dict(batch_size=8, model=dict(num_layers=2, embed_dim=64), train_steps=30, seeds=2, eval_interval=15,
+                  eval_batches=4, sweep_steps=20, sweep_eval_batches=4, sweep_lrs=(1e-3, 1.0), timing_repeats=3,
+                  timing_calls=3),
+    "full": dict(batch_size=12, model=dict(), train_steps=400, seeds=2, eval_interval=50, eval_batches=20,
+                 sweep_steps=100, sweep_eval_batches=10, sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
                  timing_repeats=15, timing_calls=10),
 }
 LEARNING_RATE = 1e-3  # the lab model's reference learning rate (nanoGPT's CPU setting)
@@ -53,6 +54,12 @@ FRAGILE_REFERENCES = {
 }
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 LEARNED_MARGIN = 0.1  # nats below the unigram baseline that count as "learned something about context"
+# Thresholds of the verdicts, each written beside the claim it decides.
+EQUAL_WITHIN_EPS = 16  # "equal to the built-in": no output or input gradient differs by more float32 eps
+GELU_TANH_TOLERANCE = 1e-3  # "close approximation": largest |exact - tanh| GELU
+EQUAL_PARAMETERS_FRACTION = 0.01  # "the same parameters": FFN weights within 1%
+FASTER_RATIO = 0.9  # "faster": at most 0.9x the time
+SAME_LOSS_NATS = 0.02  # "trains as well": final validation losses within 0.02 nats
 
 
 def register_scratch_layers() -> None:
@@ -164,6 +171,35 @@ def compare_with_builtins(run, batch_size: int) -> dict:
     axes[2].set_title(f"Ours vs torch built-ins, input ({batch_size}, 64, 128/512)")
     axes[2].legend()
     run.save(fig, "equivalence_and_activations")
+
+    largest = max(max(d.values()) for d in differences.values())
+    weights = parameters["swiglu_two_thirds"], parameters["gelu_mlp_4x"]
+    result["insights"] = [
+        f"Every from-scratch layer equals torch's built-in to within {largest:.1e} = {largest / FLOAT32_EPS:.1f} "
+        f"float32 eps (outputs and input gradients, input ({batch_size}, 64, 128)); GELU's tanh formula differs "
+        f"from the exact erf GELU by at most {result['gelu_tanh_max_error']:.1e} (at x = "
+        f"{result['gelu_tanh_worst_x']:.2f}); SiLU's minimum is {result['silu_minimum']:.3f} at x = "
+        f"{result['silu_argmin']:.2f}.",
+        f"The 2/3 rule: SwiGLU with h = {SwiGLU(E).down.in_features} has {weights[0]:,} FFN weights vs {weights[1]:,} "
+        f"for the 4x GELU MLP; without the rule (h = 4E) {parameters['swiglu_4x']:,}.",
+    ]
+    result["verdicts"] = {
+        "layers_equal_builtins": {
+            "claim": "LayerNorm, RMSNorm, GELU (both), SiLU, GLU, SwiGLU equal torch's built-ins",
+            "threshold": f"largest difference of outputs and input gradients <= {EQUAL_WITHIN_EPS} float32 eps",
+            "measured": f"{largest / FLOAT32_EPS:.1f} eps ({largest:.1e})",
+            "verdict": "holds" if largest <= EQUAL_WITHIN_EPS * FLOAT32_EPS else "fails"},
+        "gelu_tanh_close": {
+            "claim": "the tanh GELU is a close approximation of the exact GELU",
+            "threshold": f"max |exact - tanh| over [-6, 6] <= {GELU_TANH_TOLERANCE:g}",
+            "measured": f"{result['gelu_tanh_max_error']:.1e}",
+            "verdict": "holds" if result["gelu_tanh_max_error"] <= GELU_TANH_TOLERANCE else "fails"},
+        "swiglu_two_thirds_parameters": {
+            "claim": "SwiGLU with the 2/3 rule has the parameters of a 4x GELU MLP",
+            "threshold": f"FFN weights within {EQUAL_PARAMETERS_FRACTION:.0%} of the GELU MLP's",
+            "measured": f"{weights[0]:,} vs {weights[1]:,} ({weights[0] / weights[1] - 1:+.2%})",
+            "verdict": "holds" if abs(weights[0] / weights[1] - 1) <= EQUAL_PARAMETERS_FRACTION else "fails"},
+    }
     return result
 
 
@@ -231,32 +267,43 @@ def time_layers(run, batch_size: int, repeats: int, calls: int) -> dict:
                  f"activations at ({batch_size}, 64, 512); label = scratch / built-in)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     run.save(fig, "layer_speed")
-    return seconds
+
+    rms_over_layer_norm = {kind: seconds["RMSNorm"][kind] / seconds["LayerNorm"][kind] for kind in ("scratch", "builtin")}
+    faster = {kind: ratio <= FASTER_RATIO for kind, ratio in rms_over_layer_norm.items()}
+    insights = [
+        f"Speed (forward + backward per call): our LayerNorm takes {seconds['LayerNorm']['ratio']:.1f}x the time of "
+        f"nn.LayerNorm and our RMSNorm {seconds['RMSNorm']['ratio']:.2f}x nn.RMSNorm; exact GELU "
+        f"{seconds['GELU exact']['ratio']:.1f}x, tanh GELU {seconds['GELU tanh']['ratio']:.1f}x, SiLU "
+        f"{seconds['SiLU']['ratio']:.1f}x the built-ins; a whole FFN barely notices: GELU MLP "
+        f"{seconds['GELU MLP (4x)']['ratio']:.2f}x, SwiGLU {seconds['SwiGLU (2/3 rule)']['ratio']:.2f}x.",
+        f"RMSNorm / LayerNorm time: {rms_over_layer_norm['scratch']:.2f}x from scratch, "
+        f"{rms_over_layer_norm['builtin']:.2f}x for torch's built-ins.",
+    ]
+    verdicts = {"rmsnorm_faster": {
+        "claim": "RMSNorm is faster than LayerNorm",
+        "threshold": f"RMSNorm takes <= {FASTER_RATIO}x LayerNorm's time (forward + backward); 'depends' when it "
+                     f"holds for one implementation only",
+        "measured": f"from scratch {rms_over_layer_norm['scratch']:.2f}x, torch built-ins "
+                    f"{rms_over_layer_norm['builtin']:.2f}x",
+        "verdict": "holds" if all(faster.values()) else "depends" if any(faster.values()) else "fails"}}
+    return {"seconds": seconds, "rmsnorm_over_layernorm": rms_over_layer_norm, "insights": insights,
+            "verdicts": verdicts}
 
 
 # --- 3. Training at equal parameters ----------------------------------------------------------------------
 
 
-def train_one(run, batch_fn, generator, vocab_size: int, overrides: dict, config: TrainConfig, seed: int):
-    """Train a fresh lab model; the same seed gives the same batch order to every model. -> (model, history)"""
-    seed_everything(seed)
-    generator.manual_seed(seed)
-    model = MiniFormer(lab_model_config(vocab_size, **overrides)).to(run.device)
-    history = train(model, batch_fn, config, device=run.device)
-    return model, history
-
-
-def train_combinations(run, batch_fn, generator, vocab_size: int, sizes: dict) -> dict:
+def train_combinations(run, data, sizes: dict) -> dict:
     """The four norm x FFN combinations at equal parameters, same data order and schedule, several seeds."""
     steps = sizes["train_steps"]
     seeds = [run.seed + i for i in range(sizes["seeds"])]
-    config = TrainConfig(steps=steps, learning_rate=LEARNING_RATE, warmup_steps=max(1, steps // 10),
-                         eval_interval=sizes["eval_interval"], eval_batches=sizes["eval_batches"], progress=False)
+    schedule = short_schedule(steps, learning_rate=LEARNING_RATE, eval_interval=sizes["eval_interval"],
+                              eval_batches=sizes["eval_batches"])
     results, histories = {}, {}
     for label, overrides in COMBINATIONS.items():
         histories[label] = []
         for seed in seeds:
-            model, history = train_one(run, batch_fn, generator, vocab_size, overrides, config, seed)
+            model, history = train_lab_variant(data, schedule, seed, run.device, **sizes["model"], **overrides)
             histories[label].append(history)
             print(f"  trained {label}, seed {seed}: val loss {history.final_val_loss:.3f}, "
                   f"{history.tokens_per_second:.0f} tokens/s")
@@ -279,48 +326,84 @@ def train_combinations(run, batch_fn, generator, vocab_size: int, sizes: dict) -
     seed_spread = max(max(r["final_val_loss_per_seed"]) - min(r["final_val_loss_per_seed"]) for r in results.values())
     spike = {ffn: max(r["grad_norm_max"] for label, r in results.items() if label.endswith(ffn))
              for ffn in ("GELU", "SwiGLU")}
-    fig, axes = panels(1, 3, width=5.2, height=3.7,
-                       title=f"Equal parameters: the four combinations end within "
+    fig, axes = panels(1, 3, width=5.2, height=4.2, constrained=True,
+                       title=f"After {steps} steps the four combinations end within "
                              f"{results[worst]['final_val_loss'] - results[best]['final_val_loss']:.3f} nats "
                              f"(best {best}); a change of seed alone moves one by up to {seed_spread:.3f}")
     window = max(1, steps // 20)
     for index, (label, runs) in enumerate(histories.items()):
+        color = f"C{index}"
         mean_curve = results[label]["val_loss_mean"]
-        axes[0].plot(runs[0].eval_steps[:len(mean_curve)], mean_curve, marker="o", markersize=3, label=label)
+        axes[0].plot(runs[0].eval_steps[:len(mean_curve)], mean_curve, marker="o", markersize=3, label=label, color=color)
         finals = results[label]["final_val_loss_per_seed"]
-        axes[1].scatter([index] * len(finals), finals, s=25, label=label)
+        axes[1].scatter([index] * len(finals), finals, s=25, label=label, color=color)
         axes[1].hlines(np.mean(finals), index - 0.3, index + 0.3, color="black", linewidth=1)
-        smoothed_norm = moving_average(per_step([h.grad_norm for h in runs]).mean(axis=0), window)
-        axes[2].plot(np.arange(len(smoothed_norm)) + window, smoothed_norm, label=label)
+        norms = per_step([h.grad_norm for h in runs])  # (seeds, steps)
+        raw = norms.max(axis=0)  # the largest seed at each step: a one-step spike stays visible
+        axes[2].plot(np.arange(len(raw)), raw, color=color, linewidth=0.6, alpha=0.45)
+        smoothed = moving_average(norms.mean(axis=0), window)
+        axes[2].plot(np.arange(len(smoothed)) + window - 1, smoothed, color=color, linewidth=1.6, label=label)
+    axes[2].plot([], [], color="grey", linewidth=0.6, alpha=0.6, label="thin: raw, largest seed per step")
+    axes[2].plot([], [], color="grey", linewidth=1.6, label=f"thick: {window}-step mean of the seeds")
     axes[0].set(xlabel="step", ylabel="validation loss (nats/char)",
                 title=f"Validation loss, mean of {len(seeds)} seeds")
     axes[1].set_xticks(range(len(histories)), [label.replace(" + ", "\n+ ") for label in histories])
     axes[1].set(ylabel="final validation loss (nats/char)", title=f"After {steps} steps: one dot per seed, bar = mean")
-    axes[2].set(xlabel="step", ylabel=f"grad norm ({window}-step mean)", yscale="log",
-                title=f"Before clipping: SwiGLU peaks at {spike['SwiGLU']:.0f}, GELU at {spike['GELU']:.0f}")
+    axes[2].set(xlabel="step", ylabel="gradient norm before clipping (log scale)", yscale="log",
+                title=f"Largest gradient norm: SwiGLU {spike['SwiGLU']:.1f}, GELU {spike['GELU']:.1f}")
     axes[0].legend()
-    axes[2].legend()
+    axes[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     run.save(fig, "training_equal_parameters")
-    return results
+
+    # Paired by seed: every combination saw the same batches from the same initial seed.
+    swiglu_minus_gelu = {norm: [s - g for s, g in zip(results[f"{norm} + SwiGLU"]["final_val_loss_per_seed"],
+                                                      results[f"{norm} + GELU"]["final_val_loss_per_seed"])]
+                         for norm in ("LayerNorm", "RMSNorm")}
+    rms_minus_layer = {ffn: results[f"RMSNorm + {ffn}"]["final_val_loss"] - results[f"LayerNorm + {ffn}"]["final_val_loss"]
+                       for ffn in ("GELU", "SwiGLU")}
+    paired = [d for values in swiglu_minus_gelu.values() for d in values]
+    mean_swiglu_gain = -float(np.mean(paired))
+    gelu_label, swiglu_label = "LayerNorm + GELU", "LayerNorm + SwiGLU"
+    insights = [
+        f"Equal parameters: SwiGLU with hidden {results[swiglu_label]['ffn_hidden_size']} (2/3 rule) gives a lab model "
+        f"of {results[swiglu_label]['parameters']:,} parameters vs {results[gelu_label]['parameters']:,} with the 4x "
+        f"GELU MLP.",
+        f"After {steps} steps (mean of {len(seeds)} seeds): " + ", ".join(
+            f"{k} {v['final_val_loss']:.3f}" for k, v in sorted(results.items(), key=lambda kv: kv[1]["final_val_loss"]))
+        + f"; one combination moves by up to {seed_spread:.3f} between seeds. SwiGLU minus GELU per seed: "
+        + ", ".join(f"{n} " + " / ".join(f"{d:+.3f}" for d in values) for n, values in swiglu_minus_gelu.items())
+        + "; RMSNorm minus LayerNorm: " + ", ".join(f"{f} {d:+.3f}" for f, d in rms_minus_layer.items())
+        + " (nats, negative = better).",
+        "Gradient norms before clipping at 1.0: largest " + ", ".join(
+            f"{k} {v['grad_norm_max']:.1f} (step {v['grad_norm_max_step']})" for k, v in results.items())
+        + "; median over the second half " + ", ".join(
+            f"{k} {v['grad_norm_median_second_half']:.2f}" for k, v in results.items()) + ".",
+        "Training speed with our layers (tokens/s, shared cores): " + ", ".join(
+            f"{k} {v['tokens_per_second']:.0f}" for k, v in results.items()) + ".",
+    ]
+    all_better = all(d < 0 for d in paired)
+    verdicts = {
+        "rmsnorm_trains_as_well": {
+            "claim": "RMSNorm trains as well as LayerNorm",
+            "threshold": f"final validation losses within {SAME_LOSS_NATS} nats, with GELU and with SwiGLU",
+            "measured": "RMSNorm minus LayerNorm " + ", ".join(f"{f} {d:+.3f}" for f, d in rms_minus_layer.items()),
+            "verdict": "holds" if all(abs(d) <= SAME_LOSS_NATS for d in rms_minus_layer.values()) else "fails"},
+        "swiglu_beats_gelu": {
+            "claim": "SwiGLU beats a GELU MLP at equal parameters",
+            "threshold": "holds: mean gain larger than the largest seed-to-seed spread; depends: better in every "
+                         "seed-paired run but by less than that spread; fails otherwise",
+            "measured": f"mean gain {mean_swiglu_gain:+.3f} nats, better in {sum(d < 0 for d in paired)} of "
+                        f"{len(paired)} paired runs, seed spread {seed_spread:.3f}",
+            "verdict": "holds" if all_better and mean_swiglu_gain > seed_spread else "depends" if all_better else "fails"},
+    }
+    return {"combinations": results, "seed_spread": seed_spread, "swiglu_minus_gelu_per_seed": swiglu_minus_gelu,
+            "rmsnorm_minus_layernorm": rms_minus_layer, "insights": insights, "verdicts": verdicts}
 
 
 # --- 4. Learning-rate sweep -------------------------------------------------------------------------------
 
 
-def unigram_loss(batch_fn, generator, seed: int, vocab_size: int, batches: int = 200) -> float:
-    """Cross-entropy on validation batches of the best context-free predictor (character frequencies of
-    training batches): a model above this line has learned nothing about context."""
-    generator.manual_seed(seed)
-    counts = torch.ones(vocab_size)  # add-one smoothing: no character gets probability 0
-    for _ in range(batches):
-        counts += torch.bincount(batch_fn("train")[1].flatten().cpu(), minlength=vocab_size)
-    log_probs = (counts / counts.sum()).log()
-    val_targets = torch.cat([batch_fn("val")[1].flatten().cpu() for _ in range(batches)])
-    return -log_probs[val_targets].mean().item()
-
-
-def learning_rate_sweep(run, batch_fn, generator, vocab_size: int, sizes: dict, grad_clip: float | None,
-                        unigram: float) -> dict:
+def learning_rate_sweep(run, data, sizes: dict, grad_clip: float | None, unigram: float) -> dict:
     """Short runs at growing learning rates. Each run ends 'learned' (validation loss at least
     LEARNED_MARGIN below the unigram baseline), 'stalled' (stuck near the unigram level) or 'diverged'
     (the loss blew up: training.train's divergence check)."""
@@ -329,9 +412,9 @@ def learning_rate_sweep(run, batch_fn, generator, vocab_size: int, sizes: dict, 
     for label, overrides in {**COMBINATIONS, **FRAGILE_REFERENCES}.items():
         rows = []
         for lr in sizes["sweep_lrs"]:
-            config = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 10), grad_clip=grad_clip,
-                                 eval_interval=steps, eval_batches=sizes["sweep_eval_batches"], progress=False)
-            _, history = train_one(run, batch_fn, generator, vocab_size, overrides, config, run.seed)
+            schedule = short_schedule(steps, learning_rate=lr, grad_clip=grad_clip, eval_interval=steps,
+                                      eval_batches=sizes["sweep_eval_batches"])
+            _, history = train_lab_variant(data, schedule, run.seed, run.device, **sizes["model"], **overrides)
             val = float("nan") if history.diverged else history.final_val_loss
             status = "diverged" if history.diverged else ("learned" if val < unigram - LEARNED_MARGIN else "stalled")
             rows.append({"learning_rate": lr, "final_val_loss": val, "status": status,
@@ -348,36 +431,67 @@ def learning_rate_sweep(run, batch_fn, generator, vocab_size: int, sizes: dict, 
         print(f"  swept {label}: " + ", ".join(f"{r['learning_rate']:g}->{r['status']}" for r in rows))
 
     def edge(label, key):
-        return results[label][key] if results[label][key] is not None else math.inf
+        """The model's learning-rate edge; a model that never learned stalls at 0, one that never diverged at inf."""
+        if results[label][key] is not None:
+            return results[label][key]
+        return 0.0 if key == "highest_learning_rate_that_learned" else math.inf
 
-    first_to_stall = min(results, key=lambda k: edge(k, "highest_learning_rate_that_learned"))
-    first_to_diverge = min(results, key=lambda k: edge(k, "first_diverging_learning_rate"))
-    fig, axes = panels(1, 1, width=7.5, height=4.6,
-                       title=f"{first_to_stall} stops learning first (above lr "
-                             f"{edge(first_to_stall, 'highest_learning_rate_that_learned'):g}); "
-                             f"{first_to_diverge} diverges first (lr {edge(first_to_diverge, 'first_diverging_learning_rate'):g})")
-    ax = axes[0]
-    top = math.log(vocab_size)
+    def first(key):
+        """(the lowest learning rate of `key` over all models, the models that share it)"""
+        lowest = min(edge(k, key) for k in results)
+        return lowest, [k for k in results if edge(k, key) == lowest]
+
+    def sentence(key, what, where):
+        lowest, models = first(key)
+        who = f"all {len(results)}" if len(models) == len(results) else " and ".join(models)
+        if lowest == 0:
+            return f"{who} learn at no lr of the grid"
+        if not math.isfinite(lowest):
+            return f"none {what} in the range"
+        return f"{who} {what} first ({where} lr {lowest:g})"
+
+    stall_text = sentence("highest_learning_rate_that_learned", "stop learning", "above")
+    diverge_text = sentence("first_diverging_learning_rate", "diverge", "at")
+    # Diverged runs have no loss: they are marked in a strip above the loss axis, one row per model.
+    fig, (strip, ax) = plt.subplots(2, 1, figsize=(9.5, 5.6), sharex=True,
+                                    gridspec_kw={"height_ratios": [1.2, 4], "hspace": 0.08})
+    fig.suptitle(f"{stall_text}; {diverge_text}", fontsize=12, fontweight="bold")
+    labels = list(results)
     for index, (label, summary) in enumerate(results.items()):
-        lrs = [r["learning_rate"] for r in summary["runs"]]
-        values = [r["final_val_loss"] for r in summary["runs"]]
+        kept = [r for r in summary["runs"] if r["status"] != "diverged"]
         style = {"linestyle": "--"} if label in FRAGILE_REFERENCES else {}
-        (handle,) = ax.plot(lrs, values, marker="o", markersize=4, label=label, **style)
+        (handle,) = ax.plot([r["learning_rate"] for r in kept], [r["final_val_loss"] for r in kept], marker="o",
+                            markersize=4, label=label, **style)
         diverged = [r["learning_rate"] for r in summary["runs"] if r["status"] == "diverged"]
-        if diverged:  # drawn above the uniform-guess line, nudged apart so markers do not hide each other
-            ax.scatter(diverged, [top + 0.04 * index] * len(diverged), marker="X", s=60, color=handle.get_color())
+        strip.scatter(diverged, [index] * len(diverged), marker="X", s=50, color=handle.get_color())
+    strip.set_yticks(range(len(labels)), labels, fontsize=6)
+    strip.set_ylim(len(labels) - 0.5, -0.5)
+    strip.set_title(f"{steps} steps per run, {f'grad clip {grad_clip}' if grad_clip else 'no grad clipping'}; "
+                    f"X = diverged (no loss to plot)", fontsize=9)
+    strip.grid(axis="y", alpha=0.3)
     ax.axhline(unigram, color="grey", linestyle=":", label=f"unigram baseline (measured): {unigram:.2f}")
     ax.axhline(unigram - LEARNED_MARGIN, color="grey", linestyle="-", linewidth=0.6,
                label=f"'learned' = below {unigram - LEARNED_MARGIN:.2f}")
-    ax.axhline(top, color="black", linestyle=":", linewidth=0.8, label=f"uniform guess ln V = {top:.2f}; X = diverged")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (AdamW, warmup then cosine)")
-    ax.set_ylabel(f"validation loss after {steps} steps (nats/char)")
-    clip_text = f"grad clip {grad_clip}" if grad_clip else "no grad clipping"
-    ax.set_title(f"{steps} steps per run, {clip_text}; near the grey lines = learned nothing about context")
+    ax.set_ylabel(f"validation loss after {steps} steps\n(nats/char)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     run.save(fig, "learning_rate_sweep")
-    return results
+
+    earliest, first_models = first("first_diverging_learning_rate")
+    insights = [
+        f"Learning-rate sweep ({steps} steps): highest learning rate that still learns: "
+        + ", ".join(f"{k} {_format_lr(v['highest_learning_rate_that_learned'])}" for k, v in results.items())
+        + "; first learning rate that diverges: "
+        + ", ".join(f"{k} {_format_lr(v['first_diverging_learning_rate'])}" for k, v in results.items()) + "."]
+    verdicts = {"one_combination_diverges_first": {
+        "claim": "in a learning-rate sweep one combination diverges first",
+        "threshold": "exactly one model has the lowest diverging learning rate of the grid; 'depends' when that "
+                     "model is one of the fragile references (no norm, post-norm) and not a pre-norm combination",
+        "measured": ", ".join(f"{k} {_format_lr(results[k]['first_diverging_learning_rate'])}" for k in results),
+        "verdict": ("fails" if len(first_models) != 1 or not math.isfinite(earliest)
+                    else "holds" if first_models[0] in COMBINATIONS else "depends")}}
+    return {"models": results, "insights": insights, "verdicts": verdicts}
 
 
 def _format_lr(learning_rate) -> str:
@@ -403,74 +517,41 @@ def main():
     equivalence = compare_with_builtins(run, sizes["batch_size"])
     print("\n[2/4] time per layer (forward + backward)")
     speed = time_layers(run, sizes["batch_size"], sizes["timing_repeats"], sizes["timing_calls"])
-    generator = torch.Generator().manual_seed(args.seed)
-    batch_fn, vocab, corpus = char_shakespeare_batches(64, sizes["batch_size"], run.device, generator=generator)
-    print(f"\n[3/4] training the lab model on {corpus} ({vocab.size} characters), four combinations")
-    training = train_combinations(run, batch_fn, generator, vocab.size, sizes)
-    unigram = unigram_loss(batch_fn, generator, args.seed, vocab.size)
+    data = char_shakespeare_data(64, sizes["batch_size"], run.device, args.seed)
+    print(f"\n[3/4] training the lab model on {data.corpus} ({data.vocab.size} characters), four combinations")
+    training = train_combinations(run, data, sizes)
+    unigram = unigram_loss(data, seed=args.seed)
     print(f"\n[4/4] learning-rate sweep (unigram baseline {unigram:.3f} nats)")
-    sweep = learning_rate_sweep(run, batch_fn, generator, vocab.size, sizes, grad_clip, unigram)
+    sweep = learning_rate_sweep(run, data, sizes, grad_clip, unigram)
 
     differences = equivalence["max_abs_difference"]
     print_table([{"layer": name, "max |output diff|": d["output"], "max |input grad diff|": d["input_grad"]}
                  for name, d in differences.items()], "From scratch vs torch built-in (float32)")
     print_table([{"layer": name, "scratch us": s["scratch"] * 1e6, "built-in us": s["builtin"] * 1e6,
-                  "scratch / built-in": s["ratio"]} for name, s in speed.items()], "Forward + backward per call")
+                  "scratch / built-in": s["ratio"]} for name, s in speed["seconds"].items()], "Forward + backward per call")
     print_table([{"combination": label, "params": r["parameters"], "ffn hidden": r["ffn_hidden_size"],
                   "val loss": r["final_val_loss"],
                   "per seed": " ".join(f"{v:.3f}" for v in r["final_val_loss_per_seed"]), "tokens/s": r["tokens_per_second"],
                   "grad norm step 0": r["grad_norm_first_step"], "grad norm max": r["grad_norm_max"],
                   "grad norm max at step": r["grad_norm_max_step"], "grad norm median 2nd half": r["grad_norm_median_second_half"]}
-                 for label, r in training.items()], f"Training, {sizes['train_steps']} steps at lr {LEARNING_RATE:g}, mean of {sizes['seeds']} seeds")
+                 for label, r in training["combinations"].items()],
+                f"Training, {sizes['train_steps']} steps at lr {LEARNING_RATE:g}, mean of {sizes['seeds']} seeds")
     print_table([{"model": label, **{f"lr {r['learning_rate']:g}": f"{r['final_val_loss']:.3f}" if r["status"] == "learned"
-                                     else r["status"] for r in s["runs"]}} for label, s in sweep.items()],
+                                     else r["status"] for r in s["runs"]}} for label, s in sweep["models"].items()],
                 f"Learning-rate sweep: validation loss after {sizes['sweep_steps']} steps")
 
-    gelu_label = "LayerNorm + GELU"
-    best = min(training, key=lambda k: training[k]["final_val_loss"])
-    swiglu_gain = [training[f"{n} + GELU"]["final_val_loss"] - training[f"{n} + SwiGLU"]["final_val_loss"]
-                   for n in ("LayerNorm", "RMSNorm")]
-    rms_gain = [training[f"LayerNorm + {f}"]["final_val_loss"] - training[f"RMSNorm + {f}"]["final_val_loss"]
-                for f in ("GELU", "SwiGLU")]
-    seed_spread = max(max(r["final_val_loss_per_seed"]) - min(r["final_val_loss_per_seed"]) for r in training.values())
-    insights = [
-        f"Every from-scratch layer equals torch's built-in to within "
-        f"{max(max(d.values()) for d in differences.values()):.1e} (float32, outputs and input gradients); "
-        f"GELU's tanh formula differs from the exact erf GELU by at most {equivalence['gelu_tanh_max_error']:.1e} "
-        f"(at x = {equivalence['gelu_tanh_worst_x']:.2f}).",
-        f"Speed: our LayerNorm takes {speed['LayerNorm']['ratio']:.1f}x the time of nn.LayerNorm and our RMSNorm "
-        f"{speed['RMSNorm']['ratio']:.1f}x nn.RMSNorm; built-in RMSNorm vs built-in LayerNorm: "
-        f"{speed['RMSNorm']['builtin'] / speed['LayerNorm']['builtin']:.2f}x, from scratch: "
-        f"{speed['RMSNorm']['scratch'] / speed['LayerNorm']['scratch']:.2f}x. A whole FFN barely notices the "
-        f"activation: GELU MLP {speed['GELU MLP (4x)']['ratio']:.2f}x, SwiGLU {speed['SwiGLU (2/3 rule)']['ratio']:.2f}x.",
-        f"Equal parameters: SwiGLU with hidden {training['LayerNorm + SwiGLU']['ffn_hidden_size']} (2/3 rule) gives "
-        f"{training['LayerNorm + SwiGLU']['parameters']:,} parameters vs {training[gelu_label]['parameters']:,} "
-        f"for the 4x GELU MLP.",
-        f"After {sizes['train_steps']} steps (mean of {sizes['seeds']} seeds) the best combination is {best} "
-        f"(val {training[best]['final_val_loss']:.3f}); the same combination differs by up to {seed_spread:.3f} "
-        f"between seeds. SwiGLU minus GELU per seed: " + ", ".join(
-            f"{n} " + "/".join(f"{s - g:+.3f}" for s, g in zip(training[f"{n} + SwiGLU"]["final_val_loss_per_seed"],
-                                                                 training[f"{n} + GELU"]["final_val_loss_per_seed"]))
-            for n in ("LayerNorm", "RMSNorm")) + "; on average: "
-        f"{-swiglu_gain[0]:+.3f} with LayerNorm, {-swiglu_gain[1]:+.3f} with RMSNorm; RMSNorm minus LayerNorm: "
-        f"{-rms_gain[0]:+.3f} with GELU, {-rms_gain[1]:+.3f} with SwiGLU (nats, negative = better).",
-        f"Training speed with our layers (tokens/s): "
-        + ", ".join(f"{k} {v['tokens_per_second']:.0f}" for k, v in training.items()) + ".",
-        f"Gradient norms (before clipping at 1.0): largest "
-        + ", ".join(f"{k} {v['grad_norm_max']:.1f} (step {v['grad_norm_max_step']})" for k, v in training.items())
-        + "; median over the second half "
-        + ", ".join(f"{k} {v['grad_norm_median_second_half']:.2f}" for k, v in training.items()) + ".",
-        f"Learning-rate sweep ({sizes['sweep_steps']} steps): highest learning rate that still learns: "
-        + ", ".join(f"{k} {_format_lr(v['highest_learning_rate_that_learned'])}" for k, v in sweep.items())
-        + "; first learning rate that diverges: "
-        + ", ".join(f"{k} {_format_lr(v['first_diverging_learning_rate'])}" for k, v in sweep.items()) + ".",
-    ]
+    experiments = (equivalence, speed, training, sweep)
+    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
+    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts").items()}
     print("\nKey insights")
     for sentence in insights:
         print(f"  - {sentence}")
-    run.finish({"sizes": sizes, "learning_rate": LEARNING_RATE, "sweep_grad_clip": grad_clip, "corpus": corpus,
+    print("\nVerdicts (decided by the thresholds written beside them)")
+    for v in verdicts.values():
+        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    run.finish({"sizes": sizes, "learning_rate": LEARNING_RATE, "sweep_grad_clip": grad_clip, "corpus": data.corpus,
                 "unigram_val_loss": unigram, "equivalence": equivalence, "layer_seconds": speed,
-                "training": training, "learning_rate_sweep": sweep, "insights": insights})
+                "training": training, "learning_rate_sweep": sweep, "key_insights": insights, "verdicts": verdicts})
 
 
 if __name__ == "__main__":
