@@ -1,17 +1,17 @@
 """03 — attention: what the heads of a trained model look at, why 1/sqrt(d), and what tiling buys.
 
-Experiments: (1) attention maps per head of the lab model (04's MiniFormer) trained on real text;
-(2) head diversity, trained vs untrained; (3) removing the 1/sqrt(d) scale: softmax saturation,
-entropy and gradients vs head size d, and the trained model's loss without it; (4) time and peak
-memory of naive vs tiled vs torch SDPA attention as the sequence grows (with the naive score-matrix
-formula B*H*T^2*bytes drawn beside the measurement).
+Experiments: (1) attention maps per head of the lab model (04's MiniFormer, trained once and cached by
+04's lab.py); (2) head diversity, trained vs untrained; (3) removing the 1/sqrt(d) scale: softmax
+saturation, entropy and gradients vs head size d for random q, k ~ N(0, I), and the trained model read
+without it; (4) the lab model trained without 1/sqrt(d) beside the default, same seed and batches;
+(5) time and peak memory of naive vs tiled vs torch SDPA attention as the sequence grows (with the
+naive score-matrix formula B*H*T^2*bytes drawn beside the measurement).
 """
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
 import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-import copy
 import ctypes
 import math
 from itertools import combinations
@@ -27,63 +27,48 @@ from demo_cli import demo_parser, print_table, start_demo
 from plotting import heatmap, line, panels, scatter
 import matplotlib.pyplot as plt  # after plotting, which picks the backend
 from runtime import time_function, track_peak_memory
-from training import evaluate, train
-from lab import char_shakespeare_batches, lab_model_config, lab_train_config
+from lab import char_shakespeare_data, short_schedule, train_lab_variant, trained_lab_model
 from transformer import MiniFormer
 
 SIZES = {  # quick and full differ only in sizes
-    "quick": dict(train_steps=150, diversity_windows=16, map_length=32, scale_dims=[4, 16, 64, 256, 1024],
-                  bench_lengths=[256, 512, 1024], bench_heads=4, bench_head_dim=64, block_size=512,
+    "quick": dict(lab_preset="quick", diversity_windows=16, map_length=32, scale_dims=[4, 16, 64, 256, 1024],
+                  ablation_steps=60, ablation_model=dict(num_layers=2, embed_dim=64),
+                  bench_lengths=[256, 512, 1024], bench_heads=4, bench_head_dim=64, block_size=128,
                   sweep_length=1024, sweep_blocks=[64, 256, 1024]),
-    "full": dict(train_steps=1500, diversity_windows=64, map_length=32,
+    "full": dict(lab_preset="full", diversity_windows=64, map_length=32,
                  scale_dims=[4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                 ablation_steps=800, ablation_model=dict(),
                  bench_lengths=[256, 512, 1024, 2048, 4096, 8192], bench_heads=4, bench_head_dim=64,
                  block_size=512, sweep_length=4096, sweep_blocks=[32, 64, 128, 256, 512, 1024, 2048]),
 }
+# Thresholds of the verdicts, each written beside the claim it decides.
+DIVERSE_FACTOR = 10  # "training makes heads diverse": trained JS divergence >= 10x the untrained one
+SATURATED_SHARE = 0.5  # "the softmax saturates": at the largest d, >= 50% of rows put > 99% on one key
+HARMED_NATS = 0.05  # "training without the scale is harmed": final val loss >= 0.05 nats worse
+FLAT_MEMORY_EXPONENT = 0.5  # "never forms the n x n matrix": tiled peak memory grows slower than T^0.5 ...
+QUADRATIC_EXPONENT = 1.5  # ... while the naive one grows faster than T^1.5 (last doubling of T)
+SDPA_TOLERANCE = 1e-4  # "equal to torch SDPA": largest float32 difference of the outputs
 
 
 # ---------------------------------------------------------------------------------------------------
-# The trained lab model, and its attention weights read with our own attention
+# The lab model, its attention weights, and the 1/sqrt(d) switch
 # ---------------------------------------------------------------------------------------------------
 
-def train_lab_model(run, steps: int):
-    """Train 04's lab model (4 layers x 4 heads, 128 dims, context 64) on character-level text."""
-    generator = torch.Generator().manual_seed(run.seed)
-    batch_fn, vocab, corpus = char_shakespeare_batches(64, 12, run.device, generator=generator)
-    model = MiniFormer(lab_model_config(vocab.size)).to(run.device)
-    untrained = copy.deepcopy(model)  # the same weights before training: the baseline for head diversity
-    history = train(model, batch_fn, lab_train_config(steps=steps, eval_interval=max(1, steps // 4), eval_batches=10),
-                    run.device)
-    model.eval()
-    untrained.eval()
-    return model, untrained, vocab, corpus, batch_fn, history
+def set_attention_scale(model, scale):
+    """Set every block's attention scale (None = the model's own 1/sqrt(d); 1.0 removes it). Returns the model."""
+    for block in model.blocks:
+        block.attn.scale = scale
+    return model
 
 
 @torch.no_grad()
-def forward_with_attention(model, idx, scale=None):
-    """Run the pre-norm MiniFormer block by block with 03's attention; returns (logits, [weights per layer]).
-
-    weights[l] is (B, H, T, T). scale=None is the model's own 1/sqrt(d); another value breaks it on purpose.
-    """
-    config = model.config
-    if (config.norm_placement != "pre" or config.position not in ("learned", "none")
-            or config.kv_heads != config.num_heads):
-        raise ValueError("forward_with_attention reads the lab model only: pre-norm, learned positions, no GQA")
-    batch, length = idx.shape
-    x = model.token_embedding(idx)
-    if config.position == "learned":
-        x = x + model.position_embedding(length)
-    weights_per_layer = []
-    for block in model.blocks:
-        attention = block.attn
-        qkv = attention.qkv(block.norm1(x))  # (B, T, 3E)
-        q, k, v = (t.view(batch, length, config.num_heads, config.head_dim).transpose(1, 2)  # (B, H, T, D)
-                   for t in qkv.split(config.embed_dim, dim=-1))
-        heads, weights = scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, return_weights=True)
-        x = x + attention.out(heads.transpose(1, 2).reshape(batch, length, config.embed_dim))
-        x = x + block.ffn(block.norm2(x))
-        weights_per_layer.append(weights)
-    return model.final_norm_and_head(x), weights_per_layer
+def attention_weights(model, idx, scale=None):
+    """(logits, [weights (B, H, T, T) per layer]) of 04's model, read with the attention scale `scale`."""
+    set_attention_scale(model, scale)
+    try:
+        return model(idx, return_attention=True)
+    finally:
+        set_attention_scale(model, None)
 
 
 def validation_windows(vocab, corpus_text: str, count: int, length: int, device):
@@ -130,7 +115,7 @@ def experiment_attention_maps(run, model, vocab, corpus_text, map_length, head_s
     start = val_text.find("\n", 200) + 1  # a passage that starts at a line
     passage = val_text[start:start + map_length]
     idx = vocab.encode(passage)[None].to(run.device)  # (1, T)
-    _, weights_per_layer = forward_with_attention(model, idx)
+    _, weights_per_layer = attention_weights(model, idx)
     config = model.config
     labels = [{"\n": "¶", " ": "·"}.get(ch, ch) for ch in passage]
     fig, axes = panels(config.num_layers, config.num_heads, width=4.6, height=4.2, constrained=True,
@@ -168,7 +153,7 @@ def jensen_shannon(p, q):
 @torch.no_grad()
 def diversity_of(model, windows):
     """Per-head statistics and the pairwise JS divergence between all heads (averaged over query rows)."""
-    _, weights_per_layer = forward_with_attention(model, windows)
+    _, weights_per_layer = attention_weights(model, windows)
     heads = torch.cat(weights_per_layer, dim=1)[:, :, 1:]  # (W, L*H, T-1, T): query 0 is trivially identical
     count = heads.shape[1]
     divergence = torch.zeros(count, count)
@@ -229,13 +214,38 @@ def experiment_head_diversity(run, model, untrained, windows):
     axes[2].set_title("diversity within each layer (log scale)")
     axes[2].legend()
     run.save(fig, "head_diversity")
+
+    trained_js, untrained_js = float(np.mean(trained_layer_div)), float(np.mean(init_layer_div))
+    untrained_gap = float(max(abs(e - uniform_entropy) for e in init_stats["entropy_nats"]))
+    most_local = int(np.argmax(trained_stats["previous_mass"]))
+    near, far = int(np.argmin(trained_stats["mean_distance"])), int(np.argmax(trained_stats["mean_distance"]))
+    sharp, flat = int(np.argmin(trained_stats["entropy_nats"])), int(np.argmax(trained_stats["entropy_nats"]))
+    insights = [
+        f"Mean JS divergence between two heads of a layer: {trained_js:.3f} nats trained (per layer "
+        + " / ".join(f"{v:.3f}" for v in trained_layer_div) + f") vs {untrained_js:.2g} at initialisation, where "
+        f"every head's mean row entropy is within {untrained_gap:.5f} nats of uniform causal attention "
+        f"({uniform_entropy:.3f} nats).",
+        f"Trained heads differ in reach and sharpness: mean attention distance from "
+        f"{trained_stats['mean_distance'][near]:.1f} characters ({names[near]}) to "
+        f"{trained_stats['mean_distance'][far]:.1f} ({names[far]}); entropy from "
+        f"{trained_stats['entropy_nats'][sharp]:.2f} nats ({names[sharp]}) to {trained_stats['entropy_nats'][flat]:.2f}"
+        f" ({names[flat]}); the largest previous-character share is {trained_stats['previous_mass'][most_local]:.2f} "
+        f"({names[most_local]}), the largest first-token share {trained_stats['first_token_mass'].max():.2f}.",
+    ]
+    verdicts = {"heads_diverse": {
+        "claim": "trained heads specialise: heads of a layer attend differently (head diversity)",
+        "threshold": f"mean within-layer JS divergence trained >= {DIVERSE_FACTOR}x untrained",
+        "measured": f"{trained_js:.3f} vs {untrained_js:.2g} nats ({trained_js / max(untrained_js, 1e-12):.0f}x)",
+        "verdict": "holds" if trained_js >= DIVERSE_FACTOR * untrained_js else "fails"}}
     return {
         "uniform_causal_entropy_nats": uniform_entropy,
+        "untrained_max_entropy_gap_to_uniform_nats": untrained_gap,
         "trained": {"heads": names, **{k: v.tolist() for k, v in trained_stats.items()},
                     "within_layer_js_nats": trained_layer_div},
         "untrained": {**{k: v.tolist() for k, v in init_stats.items()}, "within_layer_js_nats": init_layer_div},
-        "mean_within_layer_js_trained": float(np.mean(trained_layer_div)),
-        "mean_within_layer_js_untrained": float(np.mean(init_layer_div)),
+        "mean_within_layer_js_trained": trained_js,
+        "mean_within_layer_js_untrained": untrained_js,
+        "insights": insights, "verdicts": verdicts,
     }
 
 
@@ -246,8 +256,9 @@ def experiment_head_diversity(run, model, untrained, windows):
 def softmax_statistics(head_dim: int, scale, num_keys: int, num_queries: int, generator, device):
     """Random q, k ~ N(0, I_d): score std, row entropy, max weight, softmax Jacobian norm, gradient to q and k.
 
-    The Jacobian of a softmax row p is diag(p) - p p^T; its Frobenius norm goes to 0 as p becomes one-hot,
-    which is the saturation that stops gradients flowing through the attention weights.
+    The Jacobian of a softmax row p is diag(p) - p p^T; its Frobenius norm goes to 0 as p becomes one-hot.
+    The gradient that reaches q is scale * (that Jacobian applied to the upstream scores) times k, so without
+    the scale a larger factor (and keys of norm sqrt(d)) competes with the shrinking Jacobian: both are measured.
     """
     q = torch.randn(num_queries, head_dim, generator=generator).to(device).requires_grad_(True)
     k = torch.randn(num_keys, head_dim, generator=generator).to(device).requires_grad_(True)
@@ -289,8 +300,8 @@ def experiment_scale(run, model, windows, head_dims):
                      "grad_rms_scaled": scaled["grad_rms"], "grad_rms_unscaled": unscaled["grad_rms"]})
     # The trained model read with scale 1 instead of 1/sqrt(d): sharper maps and a worse loss.
     config = model.config
-    logits, weights = forward_with_attention(model, windows)
-    logits_unscaled, weights_unscaled = forward_with_attention(model, windows, scale=1.0)
+    logits, weights = attention_weights(model, windows)
+    logits_unscaled, weights_unscaled = attention_weights(model, windows, scale=1.0)
     targets = windows[:, 1:]
 
     def loss_of(values):
@@ -305,9 +316,11 @@ def experiment_scale(run, model, windows, head_dims):
     }
 
     dims = [r["d"] for r in rows]
-    fig, axes = panels(1, 4, width=4.8, height=4.2, constrained=True,
-                       title=f"Without 1/sqrt(d) the softmax saturates as d grows: at d={dims[-1]} "
-                             f"{100 * rows[-1]['saturated_unscaled']:.0f}% of rows put >99% on one key")
+    fig, axes = panels(1, 5, width=4.3, height=4.2, constrained=True,
+                       title=f"Random q, k ~ N(0, I): at d={dims[-1]} without 1/sqrt(d), "
+                             f"{100 * rows[-1]['saturated_unscaled']:.0f}% of softmax rows put >99% on one key, yet the "
+                             f"gradient reaching q and k is {rows[-1]['grad_rms_unscaled'] / rows[-1]['grad_rms_scaled']:.0f}x "
+                             f"larger than with it")
     line(axes[0], dims, {"with 1/sqrt(d)": [r["score_std_scaled"] for r in rows],
                          "without (scale 1)": [r["score_std_unscaled"] for r in rows],
                          "formula: sqrt(d)": [math.sqrt(d) for d in dims]},
@@ -321,22 +334,132 @@ def experiment_scale(run, model, windows, head_dims):
     line(axes[2], dims, {"with 1/sqrt(d)": [r["jacobian_scaled"] for r in rows],
                          "without (scale 1)": [r["jacobian_unscaled"] for r in rows]},
          xlabel="head dimension d", ylabel="softmax Jacobian norm ||diag(p) - pp^T||", logx=True, logy=True,
-         title="gradient the softmax lets through")
+         title="softmax Jacobian (per row)")
+    line(axes[3], dims, {"with 1/sqrt(d)": [r["grad_rms_scaled"] for r in rows],
+                         "without (scale 1)": [r["grad_rms_unscaled"] for r in rows]},
+         xlabel="head dimension d", ylabel="RMS of dLoss/dq and dLoss/dk", logx=True, logy=True,
+         title="gradient reaching q and k")
     layers = np.arange(config.num_layers)
-    axes[3].bar(layers - 0.2, trained["entropy_per_layer_scaled"], width=0.4, label="with 1/sqrt(d) (as trained)")
-    axes[3].bar(layers + 0.2, trained["entropy_per_layer_unscaled"], width=0.4, label="scale removed", color="C3")
-    axes[3].set_xticks(layers, [f"layer {i}" for i in layers])
-    axes[3].set_ylabel("mean row entropy (nats)")
-    axes[3].set_title(f"trained model, d={config.head_dim}: val loss {trained['val_loss_scaled']:.2f} -> "
-                      f"{trained['val_loss_unscaled']:.2f}")
-    axes[3].set_ylim(0, 1.35 * max(trained["entropy_per_layer_scaled"] + trained["entropy_per_layer_unscaled"]))
-    axes[3].legend(loc="upper right")
+    axes[4].bar(layers - 0.2, trained["entropy_per_layer_scaled"], width=0.4, label="with 1/sqrt(d) (as trained)")
+    axes[4].bar(layers + 0.2, trained["entropy_per_layer_unscaled"], width=0.4, label="scale removed", color="C3")
+    axes[4].set_xticks(layers, [f"layer {i}" for i in layers])
+    axes[4].set_ylabel("mean row entropy (nats)")
+    axes[4].set_title(f"trained model, d={config.head_dim}: val loss\n{trained['val_loss_scaled']:.3f} -> "
+                      f"{trained['val_loss_unscaled']:.3f} when read without it")
+    axes[4].set_ylim(0, 1.35 * max(trained["entropy_per_layer_scaled"] + trained["entropy_per_layer_unscaled"]))
+    axes[4].legend(loc="upper right")
     run.save(fig, "scale_saturation")
-    return {"random_qk": rows, "num_keys": num_keys, "trained_model": trained}
+
+    last = rows[-1]
+    jacobian_smaller = [r["d"] for r in rows if r["jacobian_unscaled"] < r["jacobian_scaled"]]
+    gradient_smaller = [r["d"] for r in rows if r["grad_rms_unscaled"] < r["grad_rms_scaled"]]
+    insights = [
+        f"Random q, k ~ N(0, I_d) against {num_keys} keys: without 1/sqrt(d) the score std is "
+        f"{last['score_std_unscaled']:.1f} at d={last['d']} (formula sqrt(d) = {math.sqrt(last['d']):.1f}); "
+        f"{100 * last['saturated_unscaled']:.0f}% of softmax rows put >99% on one key (d={rows[0]['d']}: "
+        f"{100 * rows[0]['saturated_unscaled']:.1f}%); row entropy {last['entropy_unscaled']:.2f} vs "
+        f"{last['entropy_scaled']:.2f} nats with the scale (uniform log {num_keys} = {math.log(num_keys):.2f}).",
+        f"The softmax Jacobian norm without the scale is smaller than with it only for d in {jacobian_smaller} "
+        f"(d={last['d']}: {last['jacobian_unscaled']:.3f} vs {last['jacobian_scaled']:.3f}; d={rows[0]['d']}: "
+        f"{rows[0]['jacobian_unscaled']:.3f} vs {rows[0]['jacobian_scaled']:.3f}); the gradient reaching q and k "
+        f"grows without it, from {rows[0]['grad_rms_unscaled']:.2f} at d={rows[0]['d']} to "
+        f"{last['grad_rms_unscaled']:.2f} at d={last['d']}, while it stays at "
+        f"{min(r['grad_rms_scaled'] for r in rows):.2f}-{max(r['grad_rms_scaled'] for r in rows):.2f} with it: "
+        f"saturation shrinks the Jacobian, but the unscaled logits multiply the gradient by more.",
+        f"Reading the trained model (d={trained['head_dim']}) without the scale drops the mean attention entropy per "
+        f"layer from " + "/".join(f"{e:.2f}" for e in trained["entropy_per_layer_scaled"]) + " to "
+        + "/".join(f"{e:.2f}" for e in trained["entropy_per_layer_unscaled"]) + f" nats and raises val loss from "
+        f"{trained['val_loss_scaled']:.3f} to {trained['val_loss_unscaled']:.3f}.",
+    ]
+    saturated = last["saturated_unscaled"] >= SATURATED_SHARE and last["entropy_unscaled"] < last["entropy_scaled"]
+    verdicts = {
+        "no_scale_saturates_softmax": {
+            "claim": "removing 1/sqrt(d) saturates the softmax and lowers its entropy",
+            "threshold": f"at the largest d, >= {SATURATED_SHARE:.0%} of rows put > 99% on one key and the entropy "
+                         f"is below the scaled one",
+            "measured": f"d={last['d']}: {last['saturated_unscaled']:.1%} saturated, entropy "
+                        f"{last['entropy_unscaled']:.2f} vs {last['entropy_scaled']:.2f} nats",
+            "verdict": "holds" if saturated else "fails"},
+        "no_scale_shrinks_gradient": {
+            "claim": "without 1/sqrt(d) the gradient through the attention weights vanishes",
+            "threshold": "holds: the gradient reaching q and k is smaller without the scale at every d measured; "
+                         "depends: at some d; fails: at none",
+            "measured": f"smaller without the scale at d in {gradient_smaller or 'none'}; softmax Jacobian smaller "
+                        f"at d in {jacobian_smaller or 'none'}",
+            "verdict": ("holds" if len(gradient_smaller) == len(rows) else "depends" if gradient_smaller
+                        else "fails")},
+    }
+    return {"random_qk": rows, "num_keys": num_keys, "trained_model": trained, "insights": insights,
+            "verdicts": verdicts}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Experiment 4: naive vs tiled vs SDPA, time and memory vs sequence length
+# Experiment 4: the lab model trained without 1/sqrt(d), beside the default
+# ---------------------------------------------------------------------------------------------------
+
+def experiment_scale_training(run, data, steps: int, model_overrides: dict, windows):
+    """Train the lab model twice from the same seed on the same batches: with 1/sqrt(d) (the default) and with
+    scale 1 in every block. Does the model without the scale stop learning?"""
+    schedule = short_schedule(steps)
+    variants = {"with 1/sqrt(d)": None, "without (scale 1)": 1.0}
+    histories, results = {}, {}
+    for label, scale in variants.items():
+        model, history = train_lab_variant(data, schedule, run.seed, run.device,
+                                           prepare=lambda m, scale=scale: set_attention_scale(m, scale),
+                                           **model_overrides)
+        model.eval()
+        _, weights = model(windows, return_attention=True)  # read with the scale it was trained with
+        histories[label] = history
+        results[label] = {"final_val_loss": history.final_val_loss, "val_loss": history.val_loss,
+                          "eval_steps": history.eval_steps, "diverged": history.diverged,
+                          "grad_norm_median": float(np.median(history.grad_norm)),
+                          "grad_norm_max": float(max(history.grad_norm)),
+                          "entropy_per_layer": [attention_entropy(w)[..., 1:].mean().item() for w in weights],
+                          "train_seconds": history.train_seconds}
+        print(f"  {label:18s}: val loss {history.final_val_loss:.3f} after {steps} steps "
+              f"({history.train_seconds:.0f} s)")
+    head_dim = model.config.head_dim
+    scaled, unscaled = results["with 1/sqrt(d)"], results["without (scale 1)"]
+    gap = unscaled["final_val_loss"] - scaled["final_val_loss"]
+
+    fig, axes = panels(1, 3, width=5.0, height=4.0, constrained=True,
+                       title=f"Trained without 1/sqrt(d) (d={head_dim}, same seed and batches): val loss "
+                             f"{unscaled['final_val_loss']:.3f} vs {scaled['final_val_loss']:.3f} with it after {steps} steps")
+    line(axes[0], scaled["eval_steps"], {label: r["val_loss"] for label, r in results.items()},
+         xlabel="step", ylabel="validation loss (nats/char)", title="validation loss")
+    for label, history in histories.items():
+        axes[1].plot(np.arange(len(history.grad_norm)), history.grad_norm, linewidth=0.7, label=label)
+    axes[1].set(xlabel="step", ylabel="gradient norm before clipping (log scale)", yscale="log",
+                title="whole-model gradient norm, every step")
+    axes[1].legend()
+    layers = np.arange(len(scaled["entropy_per_layer"]))
+    axes[2].bar(layers - 0.2, scaled["entropy_per_layer"], width=0.4, label="with 1/sqrt(d)")
+    axes[2].bar(layers + 0.2, unscaled["entropy_per_layer"], width=0.4, label="without (scale 1)", color="C1")
+    axes[2].set_xticks(layers, [f"layer {i}" for i in layers])
+    axes[2].set(ylabel="mean row entropy (nats)", title="attention entropy of each trained model")
+    axes[2].set_ylim(0, 1.3 * max(scaled["entropy_per_layer"] + unscaled["entropy_per_layer"]))
+    axes[2].legend(loc="upper right")
+    run.save(fig, "scale_training")
+
+    insights = [
+        f"Trained from the same seed on the same batches for {steps} steps (d={head_dim}), the model without "
+        f"1/sqrt(d) reaches val loss {unscaled['final_val_loss']:.3f} vs {scaled['final_val_loss']:.3f} with it "
+        f"({gap:+.3f} nats); median gradient norm {unscaled['grad_norm_median']:.2f} vs "
+        f"{scaled['grad_norm_median']:.2f}; its attention entropy per layer "
+        + "/".join(f"{e:.2f}" for e in unscaled["entropy_per_layer"]) + " vs "
+        + "/".join(f"{e:.2f}" for e in scaled["entropy_per_layer"]) + " nats."]
+    verdicts = {"no_scale_stops_learning": {
+        "claim": "without 1/sqrt(d) the attention weights stop learning (the model trains worse)",
+        "threshold": f"the model trained with scale 1 ends >= {HARMED_NATS} nats above the default, or diverges",
+        "measured": f"d={head_dim}, {steps} steps: {unscaled['final_val_loss']:.3f} vs {scaled['final_val_loss']:.3f} "
+                    f"({gap:+.3f} nats)",
+        "verdict": "holds" if unscaled["diverged"] or gap >= HARMED_NATS else "fails"}}
+    return {"steps": steps, "head_dim": head_dim, "variants": results, "val_loss_gap_nats": gap,
+            "insights": insights, "verdicts": verdicts}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment 5: naive vs tiled vs SDPA, time and memory vs sequence length
 # ---------------------------------------------------------------------------------------------------
 
 def release_freed_memory():
@@ -456,9 +579,40 @@ def experiment_scaling(run, lengths, num_heads, head_dim, block_size, sweep_leng
     axes[2].set_xticks(blocks, [str(b) for b in blocks])
     axes[2].minorticks_off()
     run.save(fig, "naive_vs_tiled_vs_sdpa")
+
+    longest = lengths[-1]
+    at_longest = {r["method"]: r for r in rows if r["T"] == longest}
+    naive, tiled, sdpa = at_longest[naive_name], at_longest[tiled_name], at_longest[sdpa_name]
+    fastest = min(sweep, key=lambda r: r["ms"])
+    slowest = max(sweep, key=lambda r: r["ms"])
+    max_error = max(r["max_abs_diff_vs_sdpa"] for r in rows)
+    insights = [
+        f"At T={longest}: naive {naive['ms']:.0f} ms / {naive['peak_MiB']:.0f} MiB (formula for the score matrix "
+        f"alone {naive['formula_scores_MiB']:.0f} MiB), tiled {tiled['ms']:.0f} ms / {tiled['peak_MiB']:.0f} MiB, "
+        f"SDPA {sdpa['ms']:.0f} ms / {sdpa['peak_MiB']:.1f} MiB ({backend}); over the last doubling of T peak memory "
+        f"grows as T^{exponents[naive_name]:.1f} (naive), T^{exponents[tiled_name]:.1f} (tiled), "
+        f"T^{exponents[sdpa_name]:.1f} (SDPA).",
+        f"Tiled at T={sweep_length}: block {fastest['block_size']} is fastest ({fastest['ms']:.0f} ms), block "
+        f"{slowest['block_size']} slowest ({slowest['ms']:.0f} ms); peak memory goes from {sweep[0]['peak_MiB']:.1f} MiB "
+        f"(block {sweep[0]['block_size']}) to {sweep[-1]['peak_MiB']:.0f} MiB (block {sweep[-1]['block_size']}).",
+    ]
+    flat, quadratic = exponents[tiled_name], exponents[naive_name]
+    verdicts = {
+        "tiled_never_forms_score_matrix": {
+            "claim": "tiled attention with the online softmax never forms the n x n matrix",
+            "threshold": f"over the last doubling of T, tiled peak memory grows slower than T^{FLAT_MEMORY_EXPONENT} "
+                         f"while naive grows faster than T^{QUADRATIC_EXPONENT}",
+            "measured": f"tiled T^{flat:.2f}, naive T^{quadratic:.2f} (T {lengths[-2]} -> {longest})",
+            "verdict": "holds" if flat < FLAT_MEMORY_EXPONENT and quadratic > QUADRATIC_EXPONENT else "fails"},
+        "equal_to_sdpa": {
+            "claim": "naive and tiled attention equal torch's SDPA",
+            "threshold": f"largest |difference| of the outputs <= {SDPA_TOLERANCE:g} ({str(dtype).replace('torch.', '')})",
+            "measured": f"{max_error:.1e} over T = {lengths[0]} ... {longest}",
+            "verdict": "holds" if max_error <= SDPA_TOLERANCE else "fails"},
+    }
     return {"rows": rows, "block_sweep": sweep, "memory_growth_exponent": exponents, "sdpa_backend": backend,
-            "dtype": str(dtype),
-            "memory_method": memory_method, "num_heads": num_heads, "head_dim": head_dim, "block_size": block_size}
+            "dtype": str(dtype), "memory_method": memory_method, "num_heads": num_heads, "head_dim": head_dim,
+            "block_size": block_size, "insights": insights, "verdicts": verdicts}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,28 +623,27 @@ def main():
     run = start_demo(args, __file__)
     sizes = SIZES["quick" if run.quick else "full"]
 
-    print(f"\n[1/4] training the lab model for {sizes['train_steps']} steps ...")
-    model, untrained, vocab, corpus, batch_fn, history = train_lab_model(run, sizes["train_steps"])
-    corpus_text, _ = load_corpus(corpus)
+    print(f"\n[1/5] the lab model (preset '{sizes['lab_preset']}', trained once and cached by 04's lab.py) ...")
+    lab = trained_lab_model(sizes["lab_preset"], run.device, run.seed)
+    model, vocab = lab.model, lab.data.vocab
+    torch.manual_seed(run.seed)
+    untrained = MiniFormer(model.config).to(run.device).eval()  # the same architecture before any training
+    corpus_text, _ = load_corpus(lab.data.corpus)
     windows = validation_windows(vocab, corpus_text, sizes["diversity_windows"], model.config.context_length, run.device)
-    logits, _ = forward_with_attention(model, windows)
-    consistency = (logits - model(windows)).abs().max().item()  # our re-implementation reads the real model
-    if consistency > 1e-3:
-        raise RuntimeError(f"forward_with_attention disagrees with MiniFormer by {consistency}: 04 changed")
-    training = {"corpus": corpus, "steps": sizes["train_steps"], "final_val_loss": history.final_val_loss,
-                "tokens_per_second": history.tokens_per_second, "train_seconds": history.train_seconds,
-                "forward_with_attention_max_logit_diff": consistency,
-                "val_loss_recomputed": evaluate(model, batch_fn, "val", 20)}
-    print(f"  {corpus}: val loss {history.final_val_loss:.3f} after {sizes['train_steps']} steps "
-          f"({history.train_seconds:.0f} s)")
+    training = {key: lab.record[key] for key in ("preset", "corpus", "steps", "val_loss", "train_seconds",
+                                                 "tokens_per_second", "parameters", "from_cache")}
+    print(f"  {lab.data.corpus}: val loss {lab.record['val_loss']:.3f} after {lab.record['steps']} steps")
 
-    print("[2/4] attention maps and head diversity ...")
+    print("[2/5] attention maps and head diversity ...")
     diversity = experiment_head_diversity(run, model, untrained, windows)
     trained_stats = {key: np.array(value) for key, value in diversity["trained"].items() if key != "heads"}
     maps = experiment_attention_maps(run, model, vocab, corpus_text, sizes["map_length"], trained_stats)
-    print("[3/4] removing the 1/sqrt(d) scale ...")
+    print("[3/5] removing the 1/sqrt(d) scale ...")
     scale = experiment_scale(run, model, windows, sizes["scale_dims"])
-    print("[4/4] naive vs tiled vs SDPA as the sequence grows ...")
+    print(f"[4/5] training the lab model without 1/sqrt(d), {sizes['ablation_steps']} steps, beside the default ...")
+    data = char_shakespeare_data(model.config.context_length, 12, run.device, run.seed)
+    scale_training = experiment_scale_training(run, data, sizes["ablation_steps"], sizes["ablation_model"], windows)
+    print("[5/5] naive vs tiled vs SDPA as the sequence grows ...")
     scaling = experiment_scaling(run, sizes["bench_lengths"], sizes["bench_heads"], sizes["bench_head_dim"],
                                  sizes["block_size"], sizes["sweep_length"], sizes["sweep_blocks"])
 
@@ -509,42 +662,20 @@ def main():
     print_table(scaling["rows"], title=f"Causal attention forward, B=1 H={scaling['num_heads']} d={scaling['head_dim']} "
                                        f"({scaling['dtype']}); SDPA ran: {scaling['sdpa_backend']}")
 
-    longest = max(sizes["bench_lengths"])
-    at_longest = {r["method"]: r for r in scaling["rows"] if r["T"] == longest}
-    naive, tiled, sdpa = (next(r for m, r in at_longest.items() if m.startswith(prefix))
-                          for prefix in ("naive", "tiled", "torch SDPA (default"))
-    sat = scale["random_qk"][-1]
-    fastest = min(scaling["block_sweep"], key=lambda r: r["ms"])
-    slowest = max(scaling["block_sweep"], key=lambda r: r["ms"])
-    trained_model = scale["trained_model"]
-    most_specialised = int(np.argmax(trained["previous_mass"]))
-    insights = [
-        f"The lab model reached val loss {history.final_val_loss:.3f} on {corpus} after {sizes['train_steps']} steps; "
-        f"its heads differ: mean JS divergence between heads of a layer {diversity['mean_within_layer_js_trained']:.3f}"
-        f" nats vs {diversity['mean_within_layer_js_untrained']:.4f} at initialisation.",
-        f"Head {trained['heads'][most_specialised]} puts {trained['previous_mass'][most_specialised]:.2f} of its weight "
-        f"on the previous character; at initialisation every head has entropy within "
-        f"{max(abs(e - diversity['uniform_causal_entropy_nats']) for e in diversity['untrained']['entropy_nats']):.3f}"
-        f" nats of uniform ({diversity['uniform_causal_entropy_nats']:.2f}).",
-        f"Without 1/sqrt(d), scores of random unit vectors have std {sat['score_std_unscaled']:.1f} at d={sat['d']} "
-        f"(sqrt(d) = {math.sqrt(sat['d']):.1f}); {100 * sat['saturated_unscaled']:.0f}% of softmax rows put >99% on one "
-        f"key, entropy {sat['entropy_unscaled']:.2f} vs {sat['entropy_scaled']:.2f} nats with the scale, and the "
-        f"softmax Jacobian norm falls to {sat['jacobian_unscaled']:.3f} (vs {sat['jacobian_scaled']:.3f}).",
-        f"Removing the scale from the trained model (d={trained_model['head_dim']}) raises val loss from "
-        f"{trained_model['val_loss_scaled']:.3f} to {trained_model['val_loss_unscaled']:.3f}.",
-        f"At T={longest}: naive {naive['ms']:.0f} ms / {naive['peak_MiB']:.0f} MiB (formula for the score matrix "
-        f"alone {naive['formula_scores_MiB']:.0f} MiB), tiled {tiled['ms']:.0f} ms / {tiled['peak_MiB']:.0f} MiB, "
-        f"SDPA {sdpa['ms']:.0f} ms / {sdpa['peak_MiB']:.0f} MiB ({scaling['sdpa_backend']}).",
-        f"Tiled at T={sizes['sweep_length']}: block {fastest['block_size']} is fastest ({fastest['ms']:.0f} ms); block "
-        f"{slowest['block_size']} is slowest ({slowest['ms']:.0f} ms); peak memory goes "
-        f"from {scaling['block_sweep'][0]['peak_MiB']:.0f} MiB (block {scaling['block_sweep'][0]['block_size']}) to "
-        f"{scaling['block_sweep'][-1]['peak_MiB']:.0f} MiB (block {scaling['block_sweep'][-1]['block_size']}).",
-    ]
+    experiments = (diversity, scale, scale_training, scaling)
+    insights = [f"The lab model ('{training['preset']}' preset) reached val loss {training['val_loss']:.3f} on "
+                f"{training['corpus']} after {training['steps']} steps."]
+    insights += [sentence for experiment in experiments for sentence in experiment.pop("insights")]
+    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts").items()}
     print("\nKey insights")
     for sentence in insights:
         print(f"  - {sentence}")
-    run.finish({"training": training, "attention_maps": maps, "head_diversity": diversity, "scale": scale,
-                "scaling": scaling, "insights": insights})
+    print("\nVerdicts (decided by the thresholds written beside them)")
+    for v in verdicts.values():
+        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    run.finish({"sizes": sizes, "training": training, "attention_maps": maps, "head_diversity": diversity,
+                "scale": scale, "scale_training": scale_training, "scaling": scaling, "key_insights": insights,
+                "verdicts": verdicts})
 
 
 if __name__ == "__main__":
