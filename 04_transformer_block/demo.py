@@ -3,65 +3,54 @@
 learning rate) and trade depth for width at an equal parameter count.
 
     python 04_transformer_block/demo.py                      # full run: 2000-step reference + 400-step ablations
-    python 04_transformer_block/demo.py --quick              # about a minute: 200 steps + 50-step ablations
+    python 04_transformer_block/demo.py --quick              # smoke run: 100 steps + 30-step ablations
     python 04_transformer_block/demo.py --pretrained gpt2    # only: the real GPT-2 weights in our MiniFormer
 """
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import math
 
-import numpy as np  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+from matplotlib.ticker import ScalarFormatter
+import torch
+import torch.nn.functional as F
 
-from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
-from plotting import bar, line, panels  # noqa: E402
-from runtime import Timer, describe_device  # noqa: E402
-from training import evaluate, next_token_loss, train  # noqa: E402
-from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama  # noqa: E402
-from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
-from transformer import ConcatKVCache, MiniFormer  # noqa: E402
+from demo_cli import demo_parser, print_table, start_demo
+from plotting import bar, line, panels
+from runtime import Timer, describe_device
+from training import evaluate, next_token_loss
+from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama
+from lab import (char_shakespeare_data, lab_train_config, short_schedule, train_lab_variant,
+                 unigram_loss)
+from transformer import ConcatKVCache, MiniFormer
 
 # nanoGPT README, "quick start" CPU run of the same configuration: "This still runs in about ~3 minutes,
 # but gets us a loss of only 1.88". Quoted for comparison, never measured here.
 NANOGPT_VAL_LOSS, NANOGPT_MINUTES = 1.88, 3.0
 CONTEXT_LENGTH, BATCH_SIZE = 64, 12
-SIZES = {"quick": dict(reference_steps=200, ablation_steps=50, eval_batches=10, final_eval_batches=20),
-         "full": dict(reference_steps=2000, ablation_steps=400, eval_batches=20, final_eval_batches=200)}
+SIZES = {"quick": dict(reference_steps=100, ablation_steps=30, eval_batches=5, final_eval_batches=10, interop_scale=4),
+         "full": dict(reference_steps=2000, ablation_steps=400, eval_batches=20, final_eval_batches=200, interop_scale=1)}
+# Thresholds of the computed verdicts (see `verdicts`): what counts as "matches", "stuck", "helps".
+MATCH_NANOGPT_NATS = 0.03  # |our val loss - 1.88| within this = matches nanoGPT's reference
+TWO_MINUTES_SECONDS = 150  # "about two minutes" on 2 cores: wall time of the reference run at most this
+STUCK_AT_UNIGRAM_NATS = 0.05  # a variant within this of the unigram loss learned nothing from the context
+HELPS_NATS = 0.05  # a change that costs more than this (and more than 2 standard errors) matters
+SAME_LOGITS_TOLERANCE = 1e-4  # max |logit difference| for "same logits" (float32, logits of size ~4)
+LEARNED_MARGIN_NATS = 0.1  # a smoothed train loss this far below unigram has left the unigram plateau
 HIGH_LEARNING_RATE = 1e-2  # where post-norm without warmup breaks and pre-norm does not (see README)
 
 
-@dataclass
-class CharData:
-    """Character-level Shakespeare batches and the generator that draws them (reseeded per training run)."""
-
-    batch_fn: object
-    vocab: object
-    corpus: str
-    generator: torch.Generator
-
-
-def short_schedule(steps: int, **overrides):
-    """The reference schedule shrunk to `steps` (warmup a tenth of it, 8 evaluations)."""
-    settings = dict(steps=steps, warmup_steps=max(1, min(100, steps // 10)), eval_interval=max(1, steps // 8),
-                    eval_batches=10, progress=False)
-    settings.update(overrides)
-    return lab_train_config(**settings)
-
-
 def train_variant(run, data, schedule, **config_overrides):
-    """Train a fresh lab model with config overrides on `schedule`; returns (model, history).
-    Every variant starts from the same seed and sees the same sequence of batches."""
-    torch.manual_seed(run.seed)
-    data.generator.manual_seed(run.seed)
-    model = MiniFormer(lab_model_config(data.vocab.size, **config_overrides)).to(run.device)
-    history = train(model, data.batch_fn, schedule, device=run.device)
-    return model, history
+    """A fresh lab model with config overrides: same seed, same batches as every other variant."""
+    return train_lab_variant(data, schedule, seed=run.seed, device=run.device, **config_overrides)
+
+
+def variant_schedule(run, steps: int, **overrides):
+    """The short schedule of the ablations; quick runs evaluate on fewer batches (evaluation dominated them)."""
+    return short_schedule(steps, eval_batches=3 if run.quick else 10, **overrides)
 
 
 @torch.no_grad()
@@ -70,18 +59,6 @@ def loss_with_standard_error(model, data, split: str, batches: int):
     model.eval()
     losses = torch.tensor([next_token_loss(model, *data.batch_fn(split)).item() for _ in range(batches)])
     return losses.mean().item(), (losses.std() / math.sqrt(batches)).item()
-
-
-def unigram_loss(data, batches: int = 200) -> float:
-    """Validation loss of the best context-free guess: character frequencies counted on training batches.
-    A model stuck at this level has learned which characters are common, and nothing from the context."""
-    data.generator.manual_seed(0)
-    counts = torch.ones(data.vocab.size)  # add-one smoothing
-    for _ in range(batches):
-        counts += torch.bincount(data.batch_fn("train")[1].flatten().cpu(), minlength=data.vocab.size)
-    log_probs = torch.log(counts / counts.sum())
-    val_targets = torch.cat([data.batch_fn("val")[1].flatten().cpu() for _ in range(batches // 4)])
-    return -log_probs[val_targets].mean().item()
 
 
 def draw_unigram(ax, level: float):
@@ -95,7 +72,8 @@ def draw_unigram(ax, level: float):
 def reference_training(run, data, sizes):
     """nanoGPT's CPU configuration (4 layers, 4 heads, 128 dims, context 64, batch 12, lr 1e-3) on our code."""
     steps = sizes["reference_steps"]
-    schedule = lab_train_config(steps=steps, eval_interval=max(1, steps // 8), eval_batches=sizes["eval_batches"])
+    schedule = lab_train_config(steps=steps, eval_interval=max(1, steps // 8), eval_batches=sizes["eval_batches"],
+                                warmup_steps=min(100, steps // 10))  # 100 in the full run, as nanoGPT
     with Timer(run.device) as wall:
         model, history = train_variant(run, data, schedule)
     # The final estimate averages many more batches than the evaluations during training.
@@ -135,6 +113,12 @@ def reference_training(run, data, sizes):
         "last_eval_val_loss": history.final_val_loss, "wall_seconds": wall.seconds,
         "train_seconds": history.train_seconds, "tokens_per_second": history.tokens_per_second,
         "tokens_seen": history.tokens_seen, "diverged": history.diverged, "sample": sample,
+        "train_loss_per_step": history.train_loss, "grad_norm_per_step": history.grad_norm,
+        "insights": [f"The lab model ({model.num_parameters():,} parameters) reaches validation loss {final_val:.3f} "
+                     f"+- {final_val_error:.3f} (standard error over {sizes['final_eval_batches']} batches) after "
+                     f"{steps} steps (nanoGPT's README quotes {NANOGPT_VAL_LOSS} for this configuration), training "
+                     f"at {history.tokens_per_second:,.0f} tokens/s, {wall.seconds:.0f} s wall time including "
+                     f"evaluation."],
     }
 
 
@@ -172,7 +156,10 @@ def residual_norms(run, trained, data):
     ax.set_xticks(layers, labels)
     run.save(fig, "residual_norms")
     return {"layers": labels, **{name.replace(" ", "_"): values for name, values in norms.items()},
-            "growth_trained": growth}
+            "growth_trained": growth,
+            "insights": [f"The residual stream's norm grows {growth:.1f}x from the embedding to the last block after "
+                         f"training (from {norms['at initialisation'][0]:.2f} to {norms['at initialisation'][-1]:.2f} "
+                         f"at initialisation)."]}
 
 
 @torch.no_grad()
@@ -201,7 +188,12 @@ def logit_lens(run, model, data, unigram: float):
                           "top-1 = current input character": [100 * c for c in copies]},
          xlabel="residual stream read at", ylabel="share of positions (%)", title="What the top-1 guess is")
     run.save(fig, "logit_lens")
-    return {"layers": labels, "loss": losses, "top1_accuracy": accuracies, "top1_is_input": copies}
+    insight = (f"Logit lens: reading the stream with the final norm and head gives loss {losses[0]:.2f} after the "
+               f"embedding, {losses[-2]:.2f} one block before the end and {losses[-1]:.2f} at the end (top-1 accuracy "
+               f"{100 * accuracies[0]:.0f}% -> {100 * accuracies[-1]:.0f}%); read at the embedding the tied head's "
+               f"top-1 guess is the input character itself {100 * copies[0]:.1f}% of the time.")
+    return {"layers": labels, "loss": losses, "top1_accuracy": accuracies, "top1_is_input": copies,
+            "insights": [insight]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,14 +204,32 @@ ABLATIONS = {"pre-norm (baseline)": {}, "post-norm": {"norm_placement": "post"},
              "no residual connections": {"residual": False}, "no normalisation": {"norm": "none"}}
 
 
+def smoothed(values, window: int) -> np.ndarray:
+    """Running mean over `window` steps (valid part only: entry i covers steps i .. i + window - 1)."""
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def plateau_and_spike(train_loss, unigram: float, window: int) -> dict:
+    """From the per-step train loss: the first step whose `window`-step mean is LEARNED_MARGIN_NATS below the
+    unigram loss (the end of the unigram plateau; None if never), and the largest rise of that mean above its
+    running minimum (a loss spike; 0 when the curve only ever falls)."""
+    curve = smoothed(train_loss, window)
+    below = np.flatnonzero(curve < unigram - LEARNED_MARGIN_NATS)
+    rise = curve - np.minimum.accumulate(curve)
+    return {"smoothing_window": window, "left_plateau_at_step": int(below[0]) + window if below.size else None,
+            "largest_rise_nats": float(rise.max()), "largest_rise_at_step": int(rise.argmax()) + window}
+
+
 def ablations(run, data, steps, unigram: float):
     """Each variant of the lab model trained `steps` steps at the reference learning rate 1e-3."""
     results = {}
+    window = max(1, steps // 20)
     for name, overrides in ABLATIONS.items():
-        _, history = train_variant(run, data, short_schedule(steps), **overrides)
+        _, history = train_variant(run, data, variant_schedule(run, steps), **overrides)
         results[name] = {"overrides": overrides, "eval_steps": history.eval_steps, "val_curve": history.val_loss,
                          "final_val_loss": history.final_val_loss, "diverged": history.diverged,
-                         "train_loss": history.train_loss}
+                         "train_loss_per_step": history.train_loss,
+                         **plateau_and_spike(history.train_loss, unigram, window)}
         print(f"  ablation {name:<26} val loss {history.final_val_loss:.3f}")
     baseline = results["pre-norm (baseline)"]["final_val_loss"]
     worst = max(results, key=lambda n: results[n]["final_val_loss"])
@@ -230,30 +240,38 @@ def ablations(run, data, steps, unigram: float):
          xlabel="optimizer step", ylabel="validation cross-entropy (nats)", title="Validation loss")
     draw_unigram(ax_val, unigram)
     ax_val.legend()
-    window = max(1, steps // 20)
     for name, r in results.items():
-        smoothed = np.convolve(r["train_loss"], np.ones(window) / window, mode="valid")
-        ax_train.plot(np.arange(window, len(r["train_loss"]) + 1), smoothed, label=name)
+        curve = smoothed(r["train_loss_per_step"], window)
+        ax_train.plot(np.arange(window, len(r["train_loss_per_step"]) + 1), curve, label=name)
+    draw_unigram(ax_train, unigram)
     ax_train.set(xlabel="optimizer step", ylabel=f"train loss (mean of {window} steps)", title="Training loss")
     ax_train.legend()
     run.save(fig, "ablations")
-    for r in results.values():
-        del r["train_loss"]  # per-step lists stay out of results.json; the curves are in the figure
-    return results
+    insights = []
+    for name, r in results.items():
+        if name != "pre-norm (baseline)":
+            insights.append(f"{name}: validation loss {r['final_val_loss']:.3f} vs {baseline:.3f} for the pre-norm "
+                            f"baseline after {steps} steps ({r['final_val_loss'] - baseline:+.3f} nats); its "
+                            f"{window}-step mean train loss left the unigram plateau "
+                            + (f"at step {r['left_plateau_at_step']}" if r["left_plateau_at_step"] else "never")
+                            + f" and rose at most {r['largest_rise_nats']:.3f} nats "
+                            f"above its running minimum (step {r['largest_rise_at_step']}).")
+    return {"variants": results, "insights": insights}
 
 
 def pre_vs_post_high_lr(run, data, steps, ablation_results, unigram: float):
     """Pre- and post-norm at HIGH_LEARNING_RATE without warmup, beside their lr-1e-3 runs from the ablations."""
     results = {}
     for placement in ("pre", "post"):
-        _, history = train_variant(run, data, short_schedule(steps, learning_rate=HIGH_LEARNING_RATE, warmup_steps=0),
+        _, history = train_variant(run, data, variant_schedule(run, steps, learning_rate=HIGH_LEARNING_RATE, warmup_steps=0),
                                    norm_placement=placement)
         results[placement] = {"eval_steps": history.eval_steps, "val_curve": history.val_loss,
                               "final_val_loss": history.final_val_loss, "diverged": history.diverged,
                               "steps_completed": len(history.train_loss)}
         print(f"  {placement}-norm at lr {HIGH_LEARNING_RATE:g}, no warmup: val loss {history.final_val_loss:.3f}"
               f"{' (diverged)' if history.diverged else ''}")
-    low = {"pre": ablation_results["pre-norm (baseline)"], "post": ablation_results["post-norm"]}
+    low = {"pre": ablation_results["variants"]["pre-norm (baseline)"],
+           "post": ablation_results["variants"]["post-norm"]}
     fig, (ax_low, ax_high) = panels(1, 2, width=5, height=3.6,
                                     title=f"At lr {HIGH_LEARNING_RATE:g} without warmup: pre-norm "
                                           f"{results['pre']['final_val_loss']:.2f}, post-norm "
@@ -268,7 +286,10 @@ def pre_vs_post_high_lr(run, data, steps, ablation_results, unigram: float):
         ax.legend()
     ax_high.set_ylim(ax_low.get_ylim()[0], None)
     run.save(fig, "pre_vs_post_norm")
-    return {"learning_rate": HIGH_LEARNING_RATE, "warmup_steps": 0, **results}
+    insight = (f"At lr {HIGH_LEARNING_RATE:g} with no warmup, pre-norm reaches {results['pre']['final_val_loss']:.3f} "
+               f"and post-norm {results['post']['final_val_loss']:.3f}"
+               f"{' (diverged)' if results['post']['diverged'] else ''} (unigram {unigram:.3f}).")
+    return {"learning_rate": HIGH_LEARNING_RATE, "warmup_steps": 0, **results, "insights": [insight]}
 
 
 DEPTH_WIDTH = {"1 layer x 256": dict(num_layers=1, embed_dim=256, num_heads=8),
@@ -280,7 +301,7 @@ def depth_vs_width(run, data, steps):
     """Layers x width with layers * width^2 constant (equal non-embedding parameters, head size 32)."""
     results = {}
     for name, overrides in DEPTH_WIDTH.items():
-        model, history = train_variant(run, data, short_schedule(steps), **overrides)
+        model, history = train_variant(run, data, variant_schedule(run, steps), **overrides)
         results[name] = {**overrides, "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
                          "eval_steps": history.eval_steps, "val_curve": history.val_loss,
                          "final_val_loss": history.final_val_loss, "tokens_per_second": history.tokens_per_second}
@@ -294,7 +315,10 @@ def depth_vs_width(run, data, steps):
     bar(ax_speed, list(results), [r["tokens_per_second"] for r in results.values()], ylabel="training tokens / s",
         title=f"Throughput on {run.device.type} (deeper = more sequential kernels)", annotate_fmt="{:,.0f}")
     run.save(fig, "depth_vs_width")
-    return results
+    shape_text = ", ".join(f"{n}: {r['final_val_loss']:.3f}" for n, r in results.items())
+    return {"shapes": results,
+            "insights": [f"At equal non-embedding parameters after {steps} steps: {shape_text} (throughputs in "
+                         f"the figure were measured one after another, so only their order is comparable)."]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,7 +396,12 @@ def hugging_face_pair(transformers, family: str, settings: dict, run):
 
 
 @torch.no_grad()
-def interop(run):
+def shrink(settings: dict, scale: int) -> dict:
+    """The same Hugging Face config with its widths divided by `scale` (quick mode), head counts kept."""
+    return {k: v // scale if k in ("n_embd", "hidden_size", "intermediate_size") else v for k, v in settings.items()}
+
+
+def interop(run, scale: int = 1):
     """Max |logit difference| between Hugging Face models and our conversions of them, whether greedy generation
     (ours with our KV cache, theirs with theirs) picks the same 40 tokens, and what each classic mistake costs."""
     try:
@@ -382,6 +411,7 @@ def interop(run):
         return {"available": False}
     correct, mistakes = {}, {}
     for name, (family, settings) in INTEROP_CONFIGS.items():
+        settings = shrink(settings, scale)
         hf_model, ours = hugging_face_pair(transformers, family, settings, run)
         ids = torch.randint(0, settings["vocab_size"], (4, 64), device=run.device)
         hf_logits = hf_model(ids).logits
@@ -396,7 +426,7 @@ def interop(run):
               f"greedy 40 tokens identical: {correct[name]['greedy_identical']}")
     first_of = {family: name for name, (family, _) in reversed(INTEROP_CONFIGS.items())}
     for name, (family, break_it) in INTEROP_MISTAKES.items():
-        hf_model, ours = hugging_face_pair(transformers, family, INTEROP_CONFIGS[first_of[family]][1], run)
+        hf_model, ours = hugging_face_pair(transformers, family, shrink(INTEROP_CONFIGS[first_of[family]][1], scale), run)
         ids = torch.randint(0, hf_model.config.vocab_size, (4, 64), device=run.device)
         mistakes[name] = {"max_abs_logit_difference": (break_it(ours, ids) - hf_model(ids).logits).abs().max().item()}
         print(f"  mistake: {name:<37} max |logit diff| {mistakes[name]['max_abs_logit_difference']:.1e}")
@@ -410,7 +440,12 @@ def interop(run):
     ax.set_ylim(1e-8, 1e2)
     ax.legend(loc="upper left")
     run.save(fig, "interop")
-    return {"correct": correct, "mistakes": mistakes}
+    insights = [f"{name} converted from Hugging Face: max |logit difference| {r['max_abs_logit_difference']:.1e}, "
+                f"greedy generation identical: {r['greedy_identical']}." for name, r in correct.items()]
+    insights += [f"Conversion mistake '{name}': max |logit difference| {r['max_abs_logit_difference']:.1e}."
+                 for name, r in mistakes.items()]
+    return {"available": True, "width_divided_by": scale, "correct": correct, "mistakes": mistakes,
+            "insights": insights}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,6 +515,52 @@ def pretrained_gpt2(run, prompt: str = "The meaning of life is"):
 
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# Verdicts on the claims, decided by the thresholds at the top of this file
+# ---------------------------------------------------------------------------------------------------
+
+def verdicts(reference, ablation, pre_post, hf_interop, unigram: float) -> dict:
+    """holds / fails / not measured for each claim of CURRICULUM.md and the brief, with the numbers behind it."""
+    variants = ablation["variants"]
+    baseline = variants["pre-norm (baseline)"]["final_val_loss"]
+    error = reference["final_val_standard_error"]
+    claims = {}
+    gap = abs(reference["final_val_loss"] - NANOGPT_VAL_LOSS)
+    claims["trains to nanoGPT's 1.88 on the CPU config"] = {
+        "verdict": "holds" if gap <= MATCH_NANOGPT_NATS else "fails",
+        "evidence": f"val {reference['final_val_loss']:.3f} +- {error:.3f} after {reference['steps']} steps, "
+                    f"|gap| {gap:.3f} vs threshold {MATCH_NANOGPT_NATS}"}
+    claims["in about two minutes on 2 cores"] = {
+        "verdict": "holds" if reference["wall_seconds"] <= TWO_MINUTES_SECONDS and reference["steps"] == 2000 else "fails",
+        "evidence": f"{reference['steps']} steps in {reference['wall_seconds']:.0f} s wall (threshold "
+                    f"{TWO_MINUTES_SECONDS} s for 2000 steps; load average in results.json's environment)"}
+    no_residual = variants["no residual connections"]["final_val_loss"]
+    claims["without residual connections the model learns nothing from context"] = {
+        "verdict": "holds" if abs(no_residual - unigram) <= STUCK_AT_UNIGRAM_NATS else "fails",
+        "evidence": f"{no_residual:.3f} vs unigram {unigram:.3f} (threshold {STUCK_AT_UNIGRAM_NATS})"}
+    for name, claim in (("no normalisation", "normalisation helps"), ("post-norm", "pre-norm beats post-norm at lr 1e-3")):
+        cost = variants[name]["final_val_loss"] - baseline
+        claims[claim] = {"verdict": "holds" if cost > max(HELPS_NATS, 2 * error) else "fails",
+                         "evidence": f"{name} {variants[name]['final_val_loss']:.3f} vs pre-norm {baseline:.3f} "
+                                     f"({cost:+.3f}; threshold {max(HELPS_NATS, 2 * error):.3f})"}
+    post_stuck = abs(pre_post["post"]["final_val_loss"] - unigram) <= STUCK_AT_UNIGRAM_NATS or pre_post["post"]["diverged"]
+    pre_learns = pre_post["pre"]["final_val_loss"] < unigram - LEARNED_MARGIN_NATS
+    claims[f"at lr {HIGH_LEARNING_RATE:g} without warmup post-norm fails while pre-norm learns"] = {
+        "verdict": "holds" if post_stuck and pre_learns else "fails",
+        "evidence": f"post {pre_post['post']['final_val_loss']:.3f}, pre {pre_post['pre']['final_val_loss']:.3f}, "
+                    f"unigram {unigram:.3f}"}
+    if hf_interop.get("available"):
+        worst = max(r["max_abs_logit_difference"] for r in hf_interop["correct"].values())
+        same = worst <= SAME_LOGITS_TOLERANCE and all(r["greedy_identical"] for r in hf_interop["correct"].values())
+        claims["same logits as HF GPT2LMHeadModel and LlamaForCausalLM"] = {
+            "verdict": "holds" if same else "fails",
+            "evidence": f"max |logit difference| {worst:.1e} (threshold {SAME_LOGITS_TOLERANCE:g}), greedy identical"}
+    else:
+        claims["same logits as HF GPT2LMHeadModel and LlamaForCausalLM"] = {
+            "verdict": "not measured", "evidence": "transformers is not installed"}
+    return claims
+
+
 def main():
     parser = demo_parser(__doc__)
     parser.add_argument("--pretrained", choices=["gpt2"], default=None,
@@ -490,9 +571,7 @@ def main():
         run.finish({"pretrained_gpt2": pretrained_gpt2(run)})
         return
     sizes = SIZES["quick" if args.quick else "full"]
-    generator = torch.Generator()
-    data = CharData(*char_shakespeare_batches(CONTEXT_LENGTH, BATCH_SIZE, run.device, generator=generator),
-                    generator=generator)
+    data = char_shakespeare_data(CONTEXT_LENGTH, BATCH_SIZE, run.device, seed=args.seed)
     print(f"corpus {data.corpus}, {data.vocab.size} characters, batches of {BATCH_SIZE} x {CONTEXT_LENGTH}")
 
     unigram = unigram_loss(data)
@@ -503,59 +582,40 @@ def main():
     ablation = ablations(run, data, sizes["ablation_steps"], unigram)
     pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation, unigram)
     shapes = depth_vs_width(run, data, sizes["ablation_steps"])
-    hf_interop = interop(run)
+    hf_interop = interop(run, sizes["interop_scale"])
 
     steps = sizes["ablation_steps"]
     rows = [{"experiment": "reference (nanoGPT CPU config)", "steps": reference["steps"],
              "val loss": reference["final_val_loss"], "note": f"{reference['tokens_per_second']:,.0f} tokens/s, "
                                                               f"{reference['wall_seconds']:.0f} s wall"}]
     rows += [{"experiment": f"ablation: {name}", "steps": steps, "val loss": r["final_val_loss"],
-              "note": "diverged" if r["diverged"] else ""} for name, r in ablation.items()]
+              "note": "diverged" if r["diverged"] else ""} for name, r in ablation["variants"].items()]
     rows += [{"experiment": f"{p}-norm, lr {HIGH_LEARNING_RATE:g}, no warmup", "steps": steps,
               "val loss": pre_post[p]["final_val_loss"], "note": "diverged" if pre_post[p]["diverged"] else ""}
              for p in ("pre", "post")]
     rows += [{"experiment": f"shape: {name}", "steps": steps, "val loss": r["final_val_loss"],
               "note": f"{r['non_embedding_parameters']:,} params, {r['tokens_per_second']:,.0f} tok/s"}
-             for name, r in shapes.items()]
+             for name, r in shapes["shapes"].items()]
     print_table(rows, title=f"Measured on {describe_device(run.device)}, torch {torch.__version__}")
 
-    baseline = ablation["pre-norm (baseline)"]["final_val_loss"]
+    insights = [f"The unigram guess (character frequencies, no context) scores {unigram:.3f}: a run stuck there "
+                f"has learned nothing from the context."]
+    for experiment in (reference, norms, lens, ablation, pre_post, shapes, hf_interop):
+        insights += experiment.get("insights", [])
     print("\nKey insights")
-    print(f"  - The lab model ({reference['parameters']:,} parameters) reaches validation loss "
-          f"{reference['final_val_loss']:.3f} +- {reference['final_val_standard_error']:.3f} (standard error over "
-          f"{reference['final_eval_batches']} batches) after {reference['steps']} steps (nanoGPT's README quotes "
-          f"{NANOGPT_VAL_LOSS} for this configuration), training at {reference['tokens_per_second']:,.0f} "
-          f"tokens/s, {reference['wall_seconds']:.0f} s wall time including evaluation.")
-    print(f"  - The residual stream's norm grows {norms['growth_trained']:.1f}x from the embedding to the last "
-          f"block after training (from {norms['at_initialisation'][0]:.2f} to {norms['at_initialisation'][-1]:.2f} "
-          f"at initialisation).")
-    print(f"  - Logit lens: reading the stream with the final norm and head gives loss {lens['loss'][0]:.2f} "
-          f"after the embedding, {lens['loss'][-2]:.2f} one block before the end and {lens['loss'][-1]:.2f} at the "
-          f"end (top-1 accuracy {100 * lens['top1_accuracy'][0]:.0f}% -> {100 * lens['top1_accuracy'][-1]:.0f}%); "
-          f"read at the embedding the tied head's top-1 guess is the input character itself "
-          f"{100 * lens['top1_is_input'][0]:.0f}% of the time.")
-    print(f"  - The unigram guess (character frequencies, no context) scores {unigram:.3f}: a run stuck there "
-          f"has learned nothing from the context.")
-    for name, r in ablation.items():
-        if name != "pre-norm (baseline)":
-            print(f"  - {name}: validation loss {r['final_val_loss']:.3f} vs {baseline:.3f} for the pre-norm baseline "
-                  f"after {steps} steps ({r['final_val_loss'] - baseline:+.3f} nats).")
-    print(f"  - At lr {HIGH_LEARNING_RATE:g} with no warmup, pre-norm reaches {pre_post['pre']['final_val_loss']:.3f} "
-          f"and post-norm {pre_post['post']['final_val_loss']:.3f}"
-          f"{' (diverged)' if pre_post['post']['diverged'] else ''}.")
-    shape_text = ", ".join(f"{n}: {r['final_val_loss']:.3f}" for n, r in shapes.items())
-    print(f"  - At equal non-embedding parameters after {steps} steps: {shape_text}.")
-    for name, r in hf_interop.get("correct", {}).items():
-        print(f"  - {name} converted from Hugging Face: max |logit difference| "
-              f"{r['max_abs_logit_difference']:.1e}, greedy generation identical: {r['greedy_identical']}.")
-    for name, r in hf_interop.get("mistakes", {}).items():
-        print(f"  - Conversion mistake '{name}': max |logit difference| {r['max_abs_logit_difference']:.1e}.")
+    for insight in insights:
+        print(f"  - {insight}")
+    claims = verdicts(reference, ablation, pre_post, hf_interop, unigram)
+    print("\nVerdicts (thresholds in demo.py)")
+    for claim, verdict in claims.items():
+        print(f"  - {claim}: {verdict['verdict']} ({verdict['evidence']})")
 
     run.finish({"corpus": data.corpus, "vocab_size": data.vocab.size, "unigram_val_loss": unigram,
                 "nanogpt_reference": {"val_loss": NANOGPT_VAL_LOSS, "minutes": NANOGPT_MINUTES,
                                       "source": "nanoGPT README (quoted, not measured here)"},
                 "reference": reference, "residual_norms": norms, "logit_lens": lens, "ablations": ablation,
-                "pre_vs_post_high_lr": pre_post, "depth_vs_width": shapes, "interop": hf_interop})
+                "pre_vs_post_high_lr": pre_post, "depth_vs_width": shapes, "interop": hf_interop,
+                "insights": insights, "verdicts": claims})
 
 
 if __name__ == "__main__":

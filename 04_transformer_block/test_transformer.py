@@ -8,6 +8,7 @@ import torch
 
 from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama
 from lab import lab_model_config
+from testing import require
 from transformer import (ConcatKVCache, MiniFormer, POSITIONS, TransformerConfig, register_ffn, register_norm,
                          unregister)
 
@@ -38,7 +39,7 @@ def build(config, seed=0):
     (3, 6, 48, 20, 97, 20),
 ])
 def test_gpt2_logits_equal_hugging_face(n_layer, n_head, n_embd, n_positions, vocab, length):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     torch.manual_seed(1)
     hf_config = transformers.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                                         n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -62,7 +63,7 @@ def test_gpt2_logits_equal_hugging_face(n_layer, n_head, n_embd, n_positions, vo
     (2, 8, 1, 64, 96, True, 10000.0, 1e-6),  # multi-query attention, tied head
 ])
 def test_llama_logits_equal_hugging_face(layers, heads, kv_heads, hidden, intermediate, tie, theta, eps):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     torch.manual_seed(2)
     hf_config = transformers.LlamaConfig(
         vocab_size=71, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -83,7 +84,7 @@ def test_llama_logits_equal_hugging_face(layers, heads, kv_heads, hidden, interm
 
 
 def test_llama_interop_rejects_rope_scaling():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     hf_config = transformers.LlamaConfig(
         vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})

@@ -213,9 +213,18 @@ class GEGLU(GatedFeedForward):
         super().__init__(embed_dim, hidden_size, activation="gelu", bias=bias)
 
 
-# --- Factories for 04's MiniFormer seams (register_norm / register_ffn); layers.py never imports 04 ------
+# --- Factories for 04's MiniFormer seams (register_norm / register_ffn); only these touch 04 ---------------
 # A norm factory is factory(dim, eps); an FFN factory is factory(config) and reads config.embed_dim,
 # config.ffn_hidden_size (None = this layer's own default), config.bias and config.gelu_approximate.
+
+
+def _for_miniformer(ffn: nn.Module) -> nn.Module:
+    """Mark the FFN's output layer as a residual-stream writer, so MiniFormer gives it the depth-scaled init."""
+    from transformer import mark_residual_projection  # 04, an earlier topic; the layers above never need it
+
+    mark_residual_projection(ffn.down)
+    return ffn
+
 
 NORM_FACTORIES = {
     "scratch_layernorm": lambda dim, eps: LayerNorm(dim, eps),
@@ -223,7 +232,7 @@ NORM_FACTORIES = {
 }
 
 FFN_FACTORIES = {
-    "scratch_gelu": lambda config: GeluMLP(config.embed_dim, config.ffn_hidden_size, bias=config.bias,
-                                           approximate=getattr(config, "gelu_approximate", "none")),
-    "scratch_swiglu": lambda config: SwiGLU(config.embed_dim, config.ffn_hidden_size, bias=config.bias),
+    "scratch_gelu": lambda config: _for_miniformer(GeluMLP(config.embed_dim, config.ffn_hidden_size, bias=config.bias,
+                                                           approximate=getattr(config, "gelu_approximate", "none"))),
+    "scratch_swiglu": lambda config: _for_miniformer(SwiGLU(config.embed_dim, config.ffn_hidden_size, bias=config.bias)),
 }

@@ -302,6 +302,7 @@ def test_scratch_layers_in_miniformer_give_the_builtin_models_logits_and_gradien
     scratch = MiniFormer(TransformerConfig(norm=f"scratch_{norm}", ffn=f"scratch_{ffn}", **settings)).double()
     scratch.load_state_dict(builtin.state_dict(), strict=True)  # same names and shapes, same parameter count
     assert isinstance(scratch.blocks[0].norm1, LayerNorm if norm == "layernorm" else RMSNorm)
+    assert scratch.blocks[0].ffn.down.writes_residual_stream  # gets the depth-scaled init, like 04's own FFNs
     idx = torch.randint(0, 17, (3, 8), generator=torch.Generator().manual_seed(15))
     logits, logits_ref = scratch(idx), builtin(idx)
     torch.testing.assert_close(logits, logits_ref)
