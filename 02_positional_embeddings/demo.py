@@ -16,31 +16,33 @@ Experiments:
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-from dataclasses import dataclass  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
-from plotting import bar, heatmap, line, panels  # noqa: E402
-from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding  # noqa: E402
-from runtime import Timer, seed_everything  # noqa: E402
-from training import train  # noqa: E402
-from lab import char_shakespeare_batches, lab_model_config, lab_train_config  # noqa: E402
-from transformer import MiniFormer  # noqa: E402
+from demo_cli import demo_parser, print_table, start_demo
+from plotting import bar, heatmap, line, panels
+from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding
+from runtime import Timer
+from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant
+from transformer import MiniFormer
 
 ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 LENGTH_FACTORS = (1, 2, 4, 8)
 COLORS = {"learned": "tab:red", "sinusoidal": "tab:orange", "rope": "tab:blue", "alibi": "tab:green",
           "none": "tab:gray"}
-# Quick and full runs differ in these sizes only.
+# Quick and full runs differ in these sizes only (model: overrides of 04's lab model).
 SIZES = {
-    "quick": dict(train_length=64, steps=40, batch_size=8, eval_tokens=1024, position_bin=32),
-    "full": dict(train_length=64, steps=800, batch_size=16, eval_tokens=32768, position_bin=16),
+    "quick": dict(train_length=64, steps=30, batch_size=8, model=dict(num_layers=2, embed_dim=64),
+                  eval_tokens=1024, position_bin=32),
+    "full": dict(train_length=64, steps=600, batch_size=12, model=dict(), eval_tokens=32768, position_bin=16),
 }
+# Thresholds of the verdicts, each written beside the claim it decides.
+EXTRAPOLATES_RATIO = 1.10  # "extrapolates": loss at 8x the training length within 10% of the loss at 1x
+DISTANCE_ONLY_TOLERANCE = 1e-5  # "depends on m - n only": largest deviation from a constant-diagonal matrix
+SAME_INPUT_TOLERANCE = 1e-6  # "adds no vector": input vectors of one repeated token equal at every position
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -80,9 +82,19 @@ def encoding_heatmaps(run, embed_dim: int, num_heads: int, num_positions: int = 
             cmap="magma", colorbar_label="added to the score")
     fig.subplots_adjust(wspace=0.45, hspace=0.35)
     run.save(fig, "encoding_heatmaps")
-    return {"sinusoidal_similarity_toeplitz_max_deviation": toeplitz_deviation(similarity),
-            "rope_score_toeplitz_max_deviation": toeplitz_deviation(rope_scores),
-            "alibi_bias_toeplitz_max_deviation": max(toeplitz_deviation(b) for b in bias)}
+    deviations = {"sinusoidal": toeplitz_deviation(similarity), "rope": toeplitz_deviation(rope_scores),
+                  "alibi": max(toeplitz_deviation(b) for b in bias)}
+    insights = ["Sinusoidal similarity, RoPE score and ALiBi bias depend on the distance only: largest deviation "
+                "from a constant-diagonal matrix " + ", ".join(f"{k} {v:.1e}" for k, v in deviations.items())
+                + " (sinusoidal and ALiBi in float32, RoPE in float64)."]
+    verdicts = {"fixed_schemes_see_distance_only": {
+        "claim": "sinusoidal similarity, RoPE score and ALiBi bias are functions of m - n only",
+        "threshold": f"largest deviation from a constant-diagonal matrix <= {DISTANCE_ONLY_TOLERANCE:g}",
+        "measured": ", ".join(f"{k} {v:.1e}" for k, v in deviations.items()),
+        "verdict": "holds" if max(deviations.values()) <= DISTANCE_ONLY_TOLERANCE else "fails"}}
+    return {"sinusoidal_similarity_toeplitz_max_deviation": deviations["sinusoidal"],
+            "rope_score_toeplitz_max_deviation": deviations["rope"],
+            "alibi_bias_toeplitz_max_deviation": deviations["alibi"], "insights": insights, "verdicts": verdicts}
 
 
 # ---------------------------------------------------------------------------------------------- 2
@@ -124,40 +136,29 @@ def similarity_vs_distance(run, embed_dim: int, num_heads: int, max_distance: in
         _mark_training_length(ax, train_length)
     run.save(fig, "similarity_vs_distance")
     at = [1, train_length, max_distance]
-    return {"distances": at,
-            "sinusoidal_cosine": [sinusoidal_cosine[k].item() for k in at],
-            "rope_mean_score_base_10000": [rope_scores[10000.0][:, k].mean().item() for k in at],
-            "rope_mean_score_base_100": [rope_scores[100.0][:, k].mean().item() for k in at],
-            "alibi_slopes": slopes.tolist(),
-            "alibi_bias_at_max_distance": bias[:, max_distance].tolist()}
+    result = {"distances": at,
+              "sinusoidal_cosine": [sinusoidal_cosine[k].item() for k in at],
+              "rope_mean_score_base_10000": [rope_scores[10000.0][:, k].mean().item() for k in at],
+              "rope_mean_score_base_100": [rope_scores[100.0][:, k].mean().item() for k in at],
+              "alibi_slopes": slopes.tolist(),
+              "alibi_bias_at_max_distance": bias[:, max_distance].tolist()}
+    result["insights"] = [
+        f"At distance {max_distance} ALiBi adds " + ", ".join(f"{b:.1f}" for b in result["alibi_bias_at_max_distance"])
+        + f" to the scores of its {num_heads} heads: the steep heads are forced to look locally. The mean RoPE score "
+        f"of a unit vector with itself falls from {result['rope_mean_score_base_10000'][0]:.3f} at distance 1 to "
+        f"{result['rope_mean_score_base_10000'][1]:.3f} at {train_length} and "
+        f"{result['rope_mean_score_base_10000'][2]:.3f} at {max_distance} (base 10000; base 100: "
+        + ", ".join(f"{v:.3f}" for v in result["rope_mean_score_base_100"]) + ")."]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- 3
-@dataclass
-class ExtrapolationSetup:
-    """What every trained variant shares: training batches, schedule, and the fixed validation windows."""
-
-    sizes: dict
-    lengths: list  # evaluation lengths, 1x .. 8x the training length
-    batch_fn: object
-    batch_generator: torch.Generator  # re-seeded before each run: every variant sees the same batches
-    vocab_size: int
-    corpus: str
-    windows: dict  # {length: (x, y)}, the same for every model
-
-
-def make_setup(run, sizes: dict) -> ExtrapolationSetup:
-    train_length = sizes["train_length"]
-    lengths = [train_length * f for f in LENGTH_FACTORS]
-    batch_generator = torch.Generator()
-    batch_fn, vocab, corpus = char_shakespeare_batches(train_length, sizes["batch_size"], run.device,
-                                                       generator=batch_generator)
-    windows = {}
-    for length in lengths:  # about eval_tokens targets per length, drawn once with a fixed seed
-        val_fn, _, _ = char_shakespeare_batches(length, max(1, sizes["eval_tokens"] // length), run.device,
-                                                generator=torch.Generator().manual_seed(run.seed + length))
-        windows[length] = val_fn("val")
-    return ExtrapolationSetup(sizes, lengths, batch_fn, batch_generator, vocab.size, corpus, windows)
+def validation_windows(run, lengths: list, eval_tokens: int) -> dict:
+    """{length: (x, y)}: about eval_tokens validation targets per length, drawn once with a fixed seed; the same
+    windows for every model."""
+    return {length: char_shakespeare_data(length, max(1, eval_tokens // length), run.device,
+                                          seed=run.seed + length).batch_fn("val")
+            for length in lengths}
 
 
 @torch.no_grad()
@@ -169,12 +170,12 @@ def loss_per_position(model, x, y) -> torch.Tensor:
     return losses.mean(0).cpu()
 
 
-def evaluate_lengths(model, setup: ExtrapolationSetup) -> dict:
+def evaluate_lengths(model, windows: dict, train_length: int) -> dict:
     """Validation loss of a trained model at every evaluation length, and position by position at the longest."""
-    train_length = setup.sizes["train_length"]
-    per_position = {length: loss_per_position(model, *setup.windows[length]) for length in setup.lengths}
-    losses = [per_position[length].mean().item() for length in setup.lengths]
-    longest = per_position[setup.lengths[-1]]
+    lengths = list(windows)
+    per_position = {length: loss_per_position(model, *windows[length]) for length in lengths}
+    losses = [per_position[length].mean().item() for length in lengths]
+    longest = per_position[lengths[-1]]
     return {"val_loss": losses,
             "loss_ratio_to_1x": [loss / losses[0] for loss in losses],
             "longest_loss_inside_train_length": longest[:train_length].mean().item(),
@@ -182,50 +183,45 @@ def evaluate_lengths(model, setup: ExtrapolationSetup) -> dict:
             "longest_loss_per_position": longest}
 
 
-def train_and_evaluate(run, setup: ExtrapolationSetup, label: str, prepare=None, **config_overrides):
-    """Train the lab model (with config_overrides) at the training length, then evaluate it at every length.
+def train_and_evaluate(run, data, windows: dict, sizes: dict, label: str, prepare=None, **config_overrides):
+    """Train the lab model (04's train_lab_variant: same seed, same batches for every variant) at the training
+    length, then evaluate it at every length. `prepare(model)` edits the fresh model before training (break_it).
 
-    `prepare(model)`, when given, edits the freshly built model before training (used by break_it).
+    context_length = the longest evaluation: it sizes the learned table (8x rows, only the first 1x ever trained)
+    and the sinusoidal buffer; RoPE, ALiBi and none have no table at all.
     """
-    seed_everything(run.seed)  # same initial weights for the shared parts...
-    setup.batch_generator.manual_seed(run.seed)  # ...and the same training batches for every variant
-    # context_length = the longest evaluation: it sizes the learned table (8x rows, only the first 1x ever
-    # trained) and the sinusoidal buffer; RoPE, ALiBi and none have no table at all.
-    config = lab_model_config(setup.vocab_size, context_length=setup.lengths[-1], **config_overrides)
-    model = MiniFormer(config).to(run.device)
-    if prepare is not None:
-        prepare(model)
-    steps = setup.sizes["steps"]
-    train_config = lab_train_config(steps=steps, warmup_steps=max(1, steps // 10), eval_interval=steps,
-                                    eval_batches=10, progress=False)
+    steps = sizes["steps"]
     with Timer(run.device) as timer:
-        history = train(model, setup.batch_fn, train_config, device=run.device)
-    result = {**evaluate_lengths(model, setup), "train_seconds": timer.seconds, "diverged": history.diverged,
+        model, history = train_lab_variant(data, short_schedule(steps), run.seed, run.device, prepare=prepare,
+                                           context_length=list(windows)[-1], **sizes["model"], **config_overrides)
+    result = {**evaluate_lengths(model, windows, sizes["train_length"]), "train_seconds": timer.seconds,
+              "tokens_per_second": history.tokens_per_second, "diverged": history.diverged,
               "val_loss_during_training": history.final_val_loss}
     print(f"  {label:24s} {steps} steps in {timer.seconds:5.1f} s; val loss at "
-          + ", ".join(f"{L}: {v:.3f}" for L, v in zip(setup.lengths, result["val_loss"])))
+          + ", ".join(f"{L}: {v:.3f}" for L, v in zip(windows, result["val_loss"])))
     return result, model
 
 
-def extrapolation(run, setup: ExtrapolationSetup) -> tuple[dict, dict]:
+def extrapolation(run, data, windows: dict, sizes: dict) -> tuple[dict, dict]:
     """Train the lab model once per encoding at the training length; evaluate at 1x, 2x, 4x, 8x that length."""
-    train_length = setup.sizes["train_length"]
+    train_length = sizes["train_length"]
     results, models = {}, {}
     for position in ENCODINGS:
-        results[position], models[position] = train_and_evaluate(run, setup, position, position=position)
+        results[position], models[position] = train_and_evaluate(run, data, windows, sizes, position,
+                                                                 position=position)
 
     ratios = {p: r["loss_ratio_to_1x"][-1] for p, r in results.items()}
     title = "Loss at 8x the training length / loss at 1x: " + ", ".join(
         f"{p} {ratios[p]:.2f}" for p in sorted(ratios, key=ratios.get))
     fig, axes = panels(1, 2, width=6.2, height=4.4, title=title)
     styles = {p: {"color": COLORS[p]} for p in ENCODINGS}
-    lengths = setup.lengths
+    lengths = list(windows)
     line(axes[0], lengths, {p: r["val_loss"] for p, r in results.items()}, styles=styles, logx=True,
          xlabel="evaluation window length (tokens, log scale)", ylabel="validation loss (nats / char)",
          title=f"mean loss over whole windows; all trained at {train_length}")
     axes[0].set_xticks(lengths, [f"{L}\n({L // train_length}x)" for L in lengths])
     axes[0].minorticks_off()
-    bin_size = setup.sizes["position_bin"]
+    bin_size = sizes["position_bin"]
     bin_centres = np.arange(lengths[-1] // bin_size) * bin_size + bin_size / 2
     binned = {p: r["longest_loss_per_position"].reshape(-1, bin_size).mean(1).numpy() for p, r in results.items()}
     line(axes[1], bin_centres, binned, styles=styles, markers=False,
@@ -233,7 +229,49 @@ def extrapolation(run, setup: ExtrapolationSetup) -> tuple[dict, dict]:
          ylabel="validation loss (nats / char)", title="position by position: where the loss goes up")
     _mark_training_length(axes[1], train_length)
     run.save(fig, "extrapolation")
-    return results, models
+
+    inside = {p: r["longest_loss_inside_train_length"] for p, r in results.items()}
+    beyond = {p: r["longest_loss_beyond_train_length"] for p, r in results.items()}
+    at_1x = {p: r["val_loss"][0] for p, r in results.items()}
+    best_1x = min(at_1x, key=at_1x.get)
+    extrapolates = {p: ratio <= EXTRAPOLATES_RATIO for p, ratio in ratios.items()}
+    insights = [
+        f"Loss at {lengths[-1]} tokens (8x) / loss at {lengths[0]}: "
+        + ", ".join(f"{p} {ratios[p]:.2f}" for p in sorted(ratios, key=ratios.get)) + ".",
+        f"In {lengths[-1]}-token windows, mean loss at positions >= {train_length} vs < {train_length}: "
+        + ", ".join(f"{p} {beyond[p]:.2f} vs {inside[p]:.2f}" for p in ENCODINGS) + " nats/char.",
+        f"Loss at the training length ({lengths[0]}): " + ", ".join(
+            f"{p} {at_1x[p]:.3f}" for p in sorted(at_1x, key=at_1x.get)) + f"; NoPE is "
+        f"{at_1x['none'] - at_1x[best_1x]:.2f} nats behind the best ({best_1x}).",
+    ]
+
+    def extrapolation_verdict(claim, position, holds):
+        return {"claim": claim, "threshold": f"'extrapolates': loss at 8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x",
+                "measured": f"8x/1x {ratios[position]:.2f} ({at_1x[position]:.3f} -> {results[position]['val_loss'][-1]:.3f})",
+                "verdict": "holds" if holds else "fails"}
+
+    published = (not extrapolates["sinusoidal"] and ratios["sinusoidal"] > ratios["rope"] > ratios["alibi"]
+                 and extrapolates["alibi"])
+    verdicts = {
+        "sinusoidal_extrapolates_well": extrapolation_verdict("sinusoidal extrapolates well", "sinusoidal",
+                                                              extrapolates["sinusoidal"]),
+        "learned_extrapolates_poorly": extrapolation_verdict("learned extrapolates poorly", "learned",
+                                                             not extrapolates["learned"]),
+        "rope_suits_long_contexts": {
+            "claim": "RoPE suits long contexts",
+            "threshold": f"holds: extrapolates (8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x); depends: it does not, "
+                         f"but has the lowest loss of all encodings at the training length; fails: neither",
+            "measured": f"8x/1x {ratios['rope']:.2f}; loss at 1x {at_1x['rope']:.3f} (lowest: {best_1x} "
+                        f"{at_1x[best_1x]:.3f})",
+            "verdict": ("holds" if extrapolates["rope"] else "depends" if best_1x == "rope" else "fails")},
+        "published_picture": {
+            "claim": "the ALiBi paper's picture: sinusoidal explodes, rotary degrades, ALiBi stays flat",
+            "threshold": f"8x/1x: sinusoidal above {EXTRAPOLATES_RATIO:.2f}, rope between sinusoidal and alibi, alibi "
+                         f"at most {EXTRAPOLATES_RATIO:.2f}",
+            "measured": f"sinusoidal {ratios['sinusoidal']:.2f}, rope {ratios['rope']:.2f}, alibi {ratios['alibi']:.2f}",
+            "verdict": "holds" if published else "fails"},
+    }
+    return {"encodings": results, "insights": insights, "verdicts": verdicts}, models
 
 
 def _mark_training_length(ax, train_length: int) -> None:
@@ -266,6 +304,11 @@ def learned_table(run, model, train_length: int) -> dict:
     _mark_training_length(axes[1], train_length)
     fig.subplots_adjust(wspace=0.45)
     run.save(fig, "learned_table")
+    numbers["insights"] = [
+        f"The learned table learns only the rows it is shown: rows >= {train_length} never get a gradient "
+        f"(neighbour cosine {numbers['mean_neighbour_cosine_untrained']:.3f}, mean norm "
+        f"{numbers['mean_row_norm_untrained']:.2f}) while the trained rows organise (neighbour cosine "
+        f"{numbers['mean_neighbour_cosine_trained']:.2f}, mean norm {numbers['mean_row_norm_trained']:.2f})."]
     return numbers
 
 
@@ -296,7 +339,21 @@ def bias_instead_of_vectors(run, models: dict, length: int) -> dict:
     bar(axes[1], list(rows), [r["position_parameters"] for r in rows.values()], annotate_fmt="{:,.0f}",
         ylabel="trainable position parameters", title="parameters spent on position", color=[COLORS[p] for p in rows])
     run.save(fig, "bias_instead_of_vectors")
-    return rows
+    alibi, learned, sinusoidal = rows["alibi"], rows["learned"], rows["sinusoidal"]
+    insights = [
+        f"ALiBi adds a bias instead of vectors: the input vectors of one token repeated {length} times differ by at "
+        f"most {alibi['input_spread_across_positions']:.2g} across positions, with {alibi['position_parameters']} "
+        f"position parameters (learned: {learned['input_spread_across_positions']:.2f} and "
+        f"{learned['position_parameters']:,}; sinusoidal: {sinusoidal['input_spread_across_positions']:.2f} against "
+        f"token vectors of norm {sinusoidal['mean_token_embedding_norm']:.2f})."]
+    verdicts = {"alibi_bias_not_vectors": {
+        "claim": "ALiBi adds a bias instead of vectors",
+        "threshold": f"no position parameters and input vectors of a repeated token equal at every position "
+                     f"(max ||x_p - x_0|| <= {SAME_INPUT_TOLERANCE:g})",
+        "measured": f"{alibi['position_parameters']} parameters, spread {alibi['input_spread_across_positions']:.2g}",
+        "verdict": ("holds" if alibi["position_parameters"] == 0
+                    and alibi["input_spread_across_positions"] <= SAME_INPUT_TOLERANCE else "fails")}}
+    return {"encodings": rows, "insights": insights, "verdicts": verdicts}
 
 
 # ---------------------------------------------------------------------------------------------- 6
@@ -321,18 +378,21 @@ def match_sinusoid_to_token_scale(model):
     return model
 
 
-def break_it(run, setup: ExtrapolationSetup, baselines: dict, learned_model) -> dict:
+def break_it(run, data, windows: dict, sizes: dict, baselines: dict, learned_model) -> dict:
     """Three repairs that sound plausible, measured against their baselines: clamp the learned table to its
     last trained row; RoPE with a much smaller base; a sinusoid as quiet as the token embeddings."""
-    train_length = setup.sizes["train_length"]
-    variants = {"learned, clamped": evaluate_lengths(clamp_learned_table(learned_model, train_length), setup)}
-    variants["rope, base 100"], _ = train_and_evaluate(run, setup, "rope, base 100", position="rope", rope_base=100.0)
-    variants["sinusoidal, token scale"], _ = train_and_evaluate(run, setup, "sinusoidal, token scale",
+    train_length = sizes["train_length"]
+    lengths = list(windows)
+    variants = {"learned, clamped": evaluate_lengths(clamp_learned_table(learned_model, train_length), windows,
+                                                     train_length)}
+    variants["rope, base 100"], _ = train_and_evaluate(run, data, windows, sizes, "rope, base 100", position="rope",
+                                                       rope_base=100.0)
+    variants["sinusoidal, token scale"], _ = train_and_evaluate(run, data, windows, sizes, "sinusoidal, token scale",
                                                                 prepare=match_sinusoid_to_token_scale,
                                                                 position="sinusoidal")
-    short_table = MiniFormer(lab_model_config(setup.vocab_size, position="learned", context_length=train_length))
+    short_table = MiniFormer(lab_model_config(data.vocab.size, position="learned", context_length=train_length))
     try:
-        short_table(setup.windows[setup.lengths[1]][0][:1].cpu())
+        short_table(windows[lengths[1]][0][:1].cpu())
         error = "no error"
     except ValueError as raised:
         error = str(raised)
@@ -348,14 +408,22 @@ def break_it(run, setup: ExtrapolationSetup, baselines: dict, learned_model) -> 
             styles[f"{name} (8x/1x {ratio[name]:.2f})"] = {"color": COLORS[baseline], **style}
     title = "; ".join(f"{variant}: 8x/1x {ratio[base]:.2f} -> {ratio[variant]:.2f}" for base, variant in pairs.values())
     fig, axes = panels(1, 1, width=7.5, height=4.6, title=title)
-    line(axes[0], setup.lengths, series, styles=styles, logx=True,
+    line(axes[0], lengths, series, styles=styles, logx=True,
          xlabel="evaluation window length (tokens, log scale)", ylabel="validation loss (nats / char)",
          title=f"break it: three would-be repairs (dashed) beside their baselines, all trained at {train_length}")
-    axes[0].set_xticks(setup.lengths, [f"{L}\n({L // train_length}x)" for L in setup.lengths])
+    axes[0].set_xticks(lengths, [f"{L}\n({L // train_length}x)" for L in lengths])
     axes[0].minorticks_off()
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     run.save(fig, "break_it")
-    return {"variants": variants, "loss_ratio_8x_to_1x": ratio, "learned_table_without_rows_error": error}
+    token_scale = variants["sinusoidal, token scale"]["val_loss"]
+    insights = [
+        f"Clamping the learned table to row {train_length - 1} gives 8x/1x {ratio['learned, clamped']:.2f} instead of "
+        f"{ratio['learned (untrained rows)']:.2f}; RoPE with base 100 instead of 10000: {ratio['rope, base 100']:.2f} "
+        f"instead of {ratio['rope, base 10000']:.2f}; the sinusoid scaled down to the token embeddings' size: 1x loss "
+        f"{token_scale[0]:.3f} instead of {baselines['sinusoidal']['val_loss'][0]:.3f}, 8x/1x "
+        f"{ratio['sinusoidal, token scale']:.2f} instead of {ratio['sinusoidal (amplitude 1)']:.2f}."]
+    return {"variants": variants, "loss_ratio_8x_to_1x": ratio, "learned_table_without_rows_error": error,
+            "insights": insights}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -365,66 +433,47 @@ def main():
     run = start_demo(args, __file__)
     sizes = SIZES["quick" if run.quick else "full"]
     train_length = sizes["train_length"]
-    setup = make_setup(run, sizes)
-    reference = lab_model_config(setup.vocab_size)  # the lab model's width and head count
+    lengths = [train_length * f for f in LENGTH_FACTORS]
+    data = char_shakespeare_data(train_length, sizes["batch_size"], run.device, run.seed)
+    windows = validation_windows(run, lengths, sizes["eval_tokens"])
+    reference = lab_model_config(data.vocab.size, **sizes["model"])  # the trained models' width and head count
     embed_dim, num_heads = reference.embed_dim, reference.num_heads
 
     print("\n1. encoding heatmaps")
     heatmaps = encoding_heatmaps(run, embed_dim, num_heads)
     print("\n2. similarity vs distance")
-    distance = similarity_vs_distance(run, embed_dim, num_heads, setup.lengths[-1], train_length)
-    print(f"\n3. extrapolation: train at {train_length}, evaluate at {setup.lengths} on {setup.corpus}")
-    encodings, models = extrapolation(run, setup)
+    distance = similarity_vs_distance(run, embed_dim, num_heads, lengths[-1], train_length)
+    print(f"\n3. extrapolation: train at {train_length}, evaluate at {lengths} on {data.corpus}")
+    extrapolated, models = extrapolation(run, data, windows, sizes)
+    encodings = extrapolated["encodings"]
     print("\n4. the learned table")
     table = learned_table(run, models["learned"], train_length)
     print("\n5. bias instead of vectors")
     inputs = bias_instead_of_vectors(run, models, train_length)
     print("\n6. break it")
-    broken = break_it(run, setup, encodings, models["learned"])
+    broken = break_it(run, data, windows, sizes, encodings, models["learned"])
 
-    lengths = setup.lengths
     rows = [{"encoding": p, **{f"loss@{L}": v for L, v in zip(lengths, r["val_loss"])},
              "8x/1x": r["loss_ratio_to_1x"][-1], f"pos<{train_length}": r["longest_loss_inside_train_length"],
              f"pos>={train_length}": r["longest_loss_beyond_train_length"], "train s": r.get("train_seconds", "-")}
             for p, r in [*encodings.items(), *broken["variants"].items()]]
     print_table(rows, title=f"Validation loss (nats/char) of the lab model trained at {train_length} tokens for "
-                            f"{sizes['steps']} steps of {sizes['batch_size']} windows, {setup.corpus}; "
+                            f"{sizes['steps']} steps of {sizes['batch_size']} windows, {data.corpus}; "
                             f"pos<{train_length} / pos>={train_length}: positions of the {lengths[-1]}-token windows")
 
-    ratio = {p: r["loss_ratio_to_1x"][-1] for p, r in encodings.items()}
-    beyond = {p: r["longest_loss_beyond_train_length"] for p, r in encodings.items()}
-    inside = {p: r["longest_loss_inside_train_length"] for p, r in encodings.items()}
+    experiments = (heatmaps, distance, extrapolated, table, inputs, broken)
+    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
+    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts", {}).items()}
     print("\nKey insights")
-    print(f"- Loss at {lengths[-1]} tokens (8x) / loss at {lengths[0]}: "
-          + ", ".join(f"{p} {ratio[p]:.2f}" for p in sorted(ratio, key=ratio.get)) + ".")
-    print(f"- In {lengths[-1]}-token windows, mean loss at positions >= {train_length} vs < {train_length}: "
-          + ", ".join(f"{p} {beyond[p]:.2f} vs {inside[p]:.2f}" for p in ENCODINGS) + " nats/char.")
-    print(f"- The learned table's rows >= {train_length} never get a gradient: neighbour cosine "
-          f"{table['mean_neighbour_cosine_untrained']:.2f} there vs {table['mean_neighbour_cosine_trained']:.2f} in "
-          f"the trained rows; clamping them to row {train_length - 1} gives 8x/1x "
-          f"{broken['loss_ratio_8x_to_1x']['learned, clamped']:.2f} instead of {ratio['learned']:.2f}.")
-    broken_ratio = broken["loss_ratio_8x_to_1x"]
-    print(f"- RoPE with base 100 instead of 10000: 8x/1x {broken_ratio['rope, base 100']:.2f} instead of "
-          f"{ratio['rope']:.2f}. Sinusoid scaled down to the token embeddings' size: 1x loss "
-          f"{broken['variants']['sinusoidal, token scale']['val_loss'][0]:.3f} instead of "
-          f"{encodings['sinusoidal']['val_loss'][0]:.3f}, 8x/1x {broken_ratio['sinusoidal, token scale']:.2f} "
-          f"instead of {ratio['sinusoidal']:.2f}.")
-    print(f"- ALiBi adds a bias instead of vectors: the input vectors of one repeated token differ by at most "
-          f"{inputs['alibi']['input_spread_across_positions']:.2g} across positions, with "
-          f"{inputs['alibi']['position_parameters']} position parameters (learned: "
-          f"{inputs['learned']['input_spread_across_positions']:.2f} and {inputs['learned']['position_parameters']:,}; "
-          f"sinusoidal: {inputs['sinusoidal']['input_spread_across_positions']:.2f} against token vectors of norm "
-          f"{inputs['sinusoidal']['mean_token_embedding_norm']:.2f}).")
-    print(f"- Sinusoidal similarity, RoPE score and ALiBi bias depend on the distance only: largest deviation "
-          f"from a constant-diagonal matrix {heatmaps['sinusoidal_similarity_toeplitz_max_deviation']:.1e}, "
-          f"{heatmaps['rope_score_toeplitz_max_deviation']:.1e}, {heatmaps['alibi_bias_toeplitz_max_deviation']:.1e}.")
-    print(f"- At distance {lengths[-1]} ALiBi adds "
-          + ", ".join(f"{b:.1f}" for b in distance["alibi_bias_at_max_distance"])
-          + f" to the scores of the {num_heads} heads: the steep heads are forced to look locally.")
-
-    run.finish({"sizes": sizes, "corpus": setup.corpus, "eval_lengths": lengths, "heatmaps": heatmaps,
+    for sentence in insights:
+        print(f"  - {sentence}")
+    print("\nVerdicts (decided by the thresholds written beside them)")
+    for v in verdicts.values():
+        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    run.finish({"sizes": sizes, "corpus": data.corpus, "eval_lengths": lengths, "heatmaps": heatmaps,
                 "similarity_vs_distance": distance, "extrapolation": encodings, "learned_table": table,
-                "bias_instead_of_vectors": inputs, "break_it": broken})
+                "bias_instead_of_vectors": inputs, "break_it": broken, "key_insights": insights,
+                "verdicts": verdicts})
 
 
 if __name__ == "__main__":
