@@ -37,8 +37,8 @@ SIZES = {
     "quick": dict(batch_size=8, model=dict(num_layers=2, embed_dim=64), train_steps=30, seeds=2, eval_interval=15,
                   eval_batches=4, sweep_steps=20, sweep_eval_batches=4, sweep_lrs=(1e-3, 1.0), timing_repeats=3,
                   timing_calls=3),
-    "full": dict(batch_size=12, model=dict(), train_steps=400, seeds=2, eval_interval=50, eval_batches=20,
-                 sweep_steps=100, sweep_eval_batches=10, sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+    "full": dict(batch_size=12, model=dict(), train_steps=300, seeds=2, eval_interval=50, eval_batches=20,
+                 sweep_steps=100, sweep_eval_batches=10, sweep_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0),
                  timing_repeats=15, timing_calls=10),
 }
 LEARNING_RATE = 1e-3  # the lab model's reference learning rate (nanoGPT's CPU setting)
