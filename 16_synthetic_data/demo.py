@@ -144,17 +144,18 @@ def entropy_floor(run, bench: Bench) -> dict:
     batch_fn = make_batch_fn(bench, [(rows, sizes["batch_size"])], val_rows, chain.vocab_size)
     model, curve = train_model(bench, "random order-2 chain", batch_fn, chain.vocab_size, sizes["floor_steps"])
     x, y = fixed_windows(val_rows, sizes["eval_windows"], bench.seed + 3)
-    losses = window_losses(model, x, y, bench.device)  # (N, T)
-    floor = chain.conditional_entropies(CONTEXT)  # (T,) formula
+    losses = window_losses(model, x, y, bench.device)  # (N, T): position t predicts symbol t + 1 from t + 1 symbols
+    floor = chain.conditional_entropies(CONTEXT + 1)[1:]  # (T,) formula: H(X_t+1 | X_0..X_t)
     rate = chain.entropy_rate()
     # Monte-Carlo check of the formula on the same windows: the chain's own loss on them
     chain_nll = chain.negative_log_likelihood(torch.cat([x, y[:, -1:]], 1).numpy()).mean()
-    measured = summary(losses[:, chain.order:])
-    result = {"entropy_rate": rate, "order0_entropy": float(floor[0]), "order1_entropy": float(floor[1]),
+    measured = summary(losses[:, chain.order - 1:])  # the positions that see >= k symbols: floor H
+    result = {"entropy_rate": rate, "unigram_entropy": chain.block_entropy(1),
+              "order1_entropy": chain.block_entropy(2) - chain.block_entropy(1),
               "log_vocab": math.log(chain.vocab_size), "chain_nll_on_eval_windows": float(chain_nll),
-              "model_loss_from_position_2": measured["loss"], "model_loss_stderr": measured["stderr"],
+              "model_loss_with_full_context": measured["loss"], "model_loss_stderr": measured["stderr"],
               "excess_over_floor": measured["loss"] - rate, "per_position_loss": losses.mean(0),
-              "per_position_floor": floor, "curve": curve}
+              "per_position_floor": floor, "steps": sizes["floor_steps"], "curve": curve}
 
     fig, axes = panels(1, 2, width=6.0, height=4.2,
                        title=f"The lab model's loss on a Markov chain ends {result['excess_over_floor']:.3f} nats "
@@ -162,19 +163,19 @@ def entropy_floor(run, bench: Bench) -> dict:
     steps = curve["eval_steps"]
     axes[0].plot(steps, curve["val_loss"], "o-", color="tab:blue", label="lab model, validation loss (measured)")
     for level, text, style in ((math.log(chain.vocab_size), "log K: uniform guess (formula)", ":"),
-                               (floor[0], "H(X): no context (formula)", "-."),
-                               (floor[1], "H(X_t | X_t-1): one symbol of context (formula)", "--"),
+                               (result["unigram_entropy"], "H(X): symbol frequencies only (formula)", "-."),
+                               (result["order1_entropy"], "H(X_t | X_t-1): one symbol of context (formula)", "--"),
                                (rate, "H = -sum pi P log P: the floor (formula)", "-")):
         axes[0].axhline(level, color="black", linestyle=style, linewidth=1, label=f"{text} = {level:.3f}")
     axes[0].set(xlabel="training step", ylabel="loss (nats / symbol)",
                 title=f"order-2 chain, {chain.vocab_size} symbols, Dirichlet(0.3) rows")
     axes[0].legend(fontsize=7)
-    positions = np.arange(CONTEXT)
-    axes[1].plot(positions, losses.mean(0).numpy(), "o", markersize=3, label="lab model (measured)")
-    axes[1].plot(positions, floor, "k-", linewidth=1.2, label="H(X_t | X_0..X_t-1) (formula)")
-    axes[1].set(xlabel="position in the window (symbols of context)", ylabel="loss (nats / symbol)",
+    context = np.arange(1, CONTEXT + 1)
+    axes[1].plot(context, losses.mean(0).numpy(), "o", markersize=3, label="lab model (measured)")
+    axes[1].step(context, floor, "k-", where="mid", linewidth=1.2, label="H(X_t+1 | X_0..X_t) (formula)")
+    axes[1].set(xlabel="symbols of context (position in the window + 1, log scale)", ylabel="loss (nats / symbol)",
                 title=f"per position, {sizes['eval_windows']} validation windows")
-    axes[1].set_xscale("symlog", linthresh=4)
+    axes[1].set_xscale("log")
     axes[1].legend()
     run.save(fig, "entropy_floor")
     return result
@@ -549,9 +550,9 @@ def main():
     print("\nKey insights")
     print(f"- Entropy floor: the chain's H = {floor['entropy_rate']:.4f} nats (formula); its own loss on the "
           f"evaluation windows {floor['chain_nll_on_eval_windows']:.4f} (Monte Carlo). The lab model reaches "
-          f"{floor['model_loss_from_position_2']:.4f} +- {floor['model_loss_stderr']:.4f}, "
-          f"{floor['excess_over_floor']:+.4f} above the floor (plateaus on the way: no context "
-          f"{floor['order0_entropy']:.3f}, one symbol {floor['order1_entropy']:.3f}).")
+          f"{floor['model_loss_with_full_context']:.4f} +- {floor['model_loss_stderr']:.4f} after {floor['steps']} steps, "
+          f"{floor['excess_over_floor']:+.4f} above the floor (levels on the way: symbol frequencies "
+          f"{floor['unigram_entropy']:.3f}, one symbol of context {floor['order1_entropy']:.3f}).")
     v = decided["synthetic_can_match_real"]
     print(f"- Real vs synthetic: on real validation text real-only {v['real_only']:.3f}, synthetic-only (order-2 "
           f"chain fitted to the corpus) {v['synthetic_only']:.3f}; the chain itself scores {v['order2_chain_loss_on_real_val']:.3f}, "
