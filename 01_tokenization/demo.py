@@ -733,7 +733,8 @@ def gpt2_files(run, trained: dict, heldout: str, vocab_size: int) -> dict:
         rows.append(row)
     print_table([{k: v for k, v in r.items() if "pieces" not in k} for r in rows], "tokens per word")
     fig, (ax,) = panels(1, 1, width=8, height=4,
-                        title=f"GPT-2's 50k vocabulary vs ours ({vocab_size}, Shakespeare): tokens per word")
+                        title=f"GPT-2's {gpt2.vocab_size}-token vocabulary vs ours ({vocab_size}, trained on "
+                              f"Shakespeare): tokens per word")
     positions = torch.arange(len(rows)).float()
     for offset, name in [(-0.2, "gpt2"), (0.2, "ours")]:
         ax.bar(positions + offset, [r[f"{name}_tokens_per_word"] for r in rows], 0.4, label=name)
