@@ -65,8 +65,11 @@ def encoding_heatmaps(run, embed_dim: int, num_heads: int, num_positions: int = 
         reference = torch.where(m >= n, matrix[(m - n), 0], matrix[0, (n - m)])
         return (matrix - reference).abs().max().item()
 
+    deviations = {"sinusoidal": toeplitz_deviation(similarity), "rope": toeplitz_deviation(rope_scores),
+                  "alibi": max(toeplitz_deviation(b) for b in bias)}
     fig, axes = panels(2, 2, width=5.2, height=4.2,
-                       title="Sinusoidal, RoPE and ALiBi all make attention see distance m - n, not m and n")
+                       title="Largest deviation of each matrix from a function of m - n only: "
+                             + ", ".join(f"{k} {v:.0e}" for k, v in deviations.items()))
     heatmap(axes[0], table.numpy(), xlabel="feature (even = sin, odd = cos)", ylabel="position",
             title=f"sinusoidal table, {num_positions} positions x {embed_dim} dims",
             cmap="RdBu_r", colorbar_label="value", vmin=-1, vmax=1)
@@ -82,8 +85,6 @@ def encoding_heatmaps(run, embed_dim: int, num_heads: int, num_positions: int = 
             cmap="magma", colorbar_label="added to the score")
     fig.subplots_adjust(wspace=0.45, hspace=0.35)
     run.save(fig, "encoding_heatmaps")
-    deviations = {"sinusoidal": toeplitz_deviation(similarity), "rope": toeplitz_deviation(rope_scores),
-                  "alibi": max(toeplitz_deviation(b) for b in bias)}
     insights = ["Sinusoidal similarity, RoPE score and ALiBi bias depend on the distance only: largest deviation "
                 "from a constant-diagonal matrix " + ", ".join(f"{k} {v:.1e}" for k, v in deviations.items())
                 + " (sinusoidal and ALiBi in float32, RoPE in float64)."]
@@ -116,8 +117,11 @@ def similarity_vs_distance(run, embed_dim: int, num_heads: int, max_distance: in
     slopes = alibi_slopes(num_heads)
     bias = alibi_bias(num_heads, 1, max_distance + 1)[:, 0].flip(-1)  # (H, K): bias at distance 0..K-1
 
-    fig, axes = panels(1, 3, width=5.0, height=3.9,
-                       title="Sinusoidal and RoPE similarity decays and oscillates with distance; ALiBi falls linearly")
+    fig, axes = panels(1, 3, width=5.0, height=3.9, constrained=True,
+                       title=f"From distance 1 to {max_distance}: sinusoidal cosine {sinusoidal_cosine[1]:.2f} -> "
+                             f"{sinusoidal_cosine[max_distance]:.2f}, mean RoPE score {rope_scores[10000.0][:, 1].mean():.2f}"
+                             f" -> {rope_scores[10000.0][:, max_distance].mean():.2f}, ALiBi bias {bias[:, 1].min():.2f}"
+                             f" -> {bias[:, max_distance].min():.0f} (steepest head)")
     line(axes[0], distances, {"sinusoidal cos(PE[p], PE[p + k])": sinusoidal_cosine.numpy()},
          xlabel="distance k (positions)", ylabel="cosine similarity", markers=False,
          title=f"sinusoidal, dim {embed_dim}")
@@ -332,7 +336,8 @@ def bias_instead_of_vectors(run, models: dict, length: int) -> dict:
             "position_parameters": sum(p.numel() for name, p in model.named_parameters() if name.startswith("position")),
         }
     fig, axes = panels(1, 2, width=5.0, height=3.6,
-                       title="Learned and sinusoidal change the input vectors; RoPE, ALiBi and none do not")
+                       title="Largest change of the input vector across positions: " + ", ".join(
+                           f"{p} {r['input_spread_across_positions']:.2g}" for p, r in rows.items()))
     bar(axes[0], list(rows), [r["input_spread_across_positions"] for r in rows.values()],
         ylabel="max ||x_p - x_0|| (one repeated token)", title=f"input vectors over {length} positions",
         color=[COLORS[p] for p in rows])

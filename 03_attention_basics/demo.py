@@ -119,8 +119,8 @@ def experiment_attention_maps(run, model, vocab, corpus_text, map_length, head_s
     config = model.config
     labels = [{"\n": "¶", " ": "·"}.get(ch, ch) for ch in passage]
     fig, axes = panels(config.num_layers, config.num_heads, width=4.6, height=4.2, constrained=True,
-                       title=f"Trained heads specialise: attention weights of all {config.num_layers * config.num_heads}"
-                             f" heads on a validation passage (titles: pattern measured over validation windows)")
+                       title=f"Attention weights of all {config.num_layers * config.num_heads} heads of the trained lab "
+                             f"model on a validation passage (titles: pattern measured over validation windows)")
     patterns = []
     for layer, weights in enumerate(weights_per_layer):
         for head in range(config.num_heads):
@@ -185,8 +185,8 @@ def experiment_head_diversity(run, model, untrained, windows):
     init_layer_div = within_layer_mean(init_div, config.num_layers, config.num_heads)
 
     fig, axes = panels(1, 3, width=5.8, height=4.8, constrained=True,
-                       title=f"Training makes heads diverse: mean JS divergence between heads "
-                             f"{np.mean(trained_layer_div):.3f} nats trained vs {np.mean(init_layer_div):.4f} at init")
+                       title=f"Mean JS divergence between two heads of a layer: {np.mean(trained_layer_div):.3f} nats "
+                             f"trained vs {np.mean(init_layer_div):.4f} at initialisation")
     colors = [plt.get_cmap("tab10")(i) for i in range(config.num_layers)]
     for layer in range(config.num_layers):
         picked = slice(layer * config.num_heads, (layer + 1) * config.num_heads)
