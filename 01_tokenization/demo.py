@@ -230,7 +230,7 @@ def training_time_vs_size(run, text: str, sizes_chars: list, vocab_size: int, na
          title=f"vocab {vocab_size}, GPT-2 split", styles={"HF tokenizers": {"color": "#2ca02c"}})
     axes[0].plot([r["megabytes"] for r in naive_rows], [r["naive_s"] for r in naive_rows], "o-", color="#d62728",
                  markersize=3, label=f"naive baseline (run up to {naive_max_chars // 1000}k characters)")
-    axes[0].legend()
+    axes[0].legend(loc="lower right")  # the naive line runs along the top left
     line(axes[1], [r["megabytes"] for r in naive_rows], {"naive time / incremental time": speedups},
          xlabel="corpus size (MB)", ylabel="speed-up (x)", logx=True, title="speed-up of the incremental trainer")
     for ax, sizes_shown in [(axes[0], megabytes), (axes[1], [r["megabytes"] for r in naive_rows])]:
