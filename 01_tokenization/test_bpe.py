@@ -1,6 +1,7 @@
 """Tests of bpe.py: hand-computed merges, naive == incremental, exact equality with tiktoken on the same
 vocabulary, round trips (hypothesis), streaming, special tokens, save/load, and every bad input."""
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -40,6 +41,7 @@ def trained(request):
     return request.param, vocab, merges, Tokenizer(vocab, merges, SPECIALS, pattern=request.param)
 
 
+@functools.lru_cache(maxsize=8)  # one per tokenizer object: the property tests call it for every example
 def tiktoken_twin(tokenizer: Tokenizer):
     """The same vocabulary loaded into tiktoken: token bytes -> rank (= our id), same split regex."""
     tiktoken = require("tiktoken")
@@ -547,19 +549,26 @@ def test_gpt2_files_give_tiktokens_ids(gpt2_like, tmp_path):
         assert ours.decode(ours.encode_ordinary(text)) == text
 
 
-@settings(max_examples=100, deadline=None)
-@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)) | st.sampled_from(list(" \n'sa1"))))
-def test_gpt2_files_with_shuffled_bytes_match_tiktoken_on_any_text(gpt2_like, tmp_path_factory, text):
+@pytest.fixture(scope="module")
+def shuffled_gpt2(gpt2_like, tmp_path_factory):
+    """Files with the 256 byte ids in a random order (and <|endoftext|> at 600), and tiktoken built from the
+    same ranks; both read once per module."""
     tiktoken = require("tiktoken")
     order = list(range(256))
-    random_order = __import__("random").Random(0)
-    random_order.shuffle(order)
+    __import__("random").Random(0).shuffle(order)
     folder = tmp_path_factory.mktemp("gpt2")
     tokenizer = Tokenizer.from_gpt2_files(*write_gpt2_files(folder, *gpt2_like, byte_order=order, eot_id=600))
-    vocab, merges = gpt2_like
+    _, merges = gpt2_like
     ranks = {bytes([b]): i for i, b in enumerate(order)} | {a + b: 256 + k for k, (a, b) in enumerate(merges)}
     reference = tiktoken.Encoding("shuffled", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                   special_tokens={"<|endoftext|>": 600})
+    return tokenizer, reference
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)) | st.sampled_from(list(" \n'sa1"))))
+def test_gpt2_files_with_shuffled_bytes_match_tiktoken_on_any_text(shuffled_gpt2, text):
+    tokenizer, reference = shuffled_gpt2
     assert tokenizer.encode_ordinary(text) == reference.encode_ordinary(text)
     assert tokenizer.decode(tokenizer.encode_ordinary(text)) == text
 

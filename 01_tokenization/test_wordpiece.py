@@ -27,6 +27,12 @@ def trained():
     return vocab, WordPiece(vocab)
 
 
+@pytest.fixture(scope="module")
+def hf_twin(trained):
+    """HF's model on the same vocabulary, built once per module."""
+    return hf_wordpiece(trained[0])
+
+
 def hf_wordpiece(vocab: list[str]):
     tokenizers = require("tokenizers")
     model = tokenizers.models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
@@ -58,9 +64,9 @@ def test_identical_ids_to_hf_on_text(trained):
 
 @settings(max_examples=200, deadline=None)
 @given(word=st.text(alphabet=st.sampled_from(list("etaoinshrdlu_xq1é東")), min_size=1, max_size=30))
-def test_identical_pieces_to_hf_on_any_word(trained, word):
+def test_identical_pieces_to_hf_on_any_word(trained, hf_twin, word):
     vocab, tokenizer = trained
-    assert tokenizer.tokenize_word(word) == [t.value for t in hf_wordpiece(vocab).model.tokenize(word)]
+    assert tokenizer.tokenize_word(word) == [t.value for t in hf_twin.model.tokenize(word)]
 
 
 def test_the_likelihood_gain_equals_a_recount():
