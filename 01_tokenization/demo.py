@@ -1,5 +1,5 @@
 """01 — Tokenization: byte-level BPE built from scratch, checked against tiktoken and Hugging Face
-`tokenizers`, and one-hot versus learned token embeddings.
+`tokenizers`, WordPiece and Unigram beside it, and one-hot versus learned token embeddings.
 
 Experiments (each draws one figure into figures/ and fills one section of results.json):
   benchmark          training time at a 4096-token vocabulary on the whole corpus: our incremental
