@@ -26,7 +26,7 @@ from demo_cli import demo_parser, print_table, start_demo
 from plotting import bar, heatmap, line, panels
 from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding
 from runtime import Timer
-from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant
+from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant, unigram_loss
 from transformer import MiniFormer
 
 ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
@@ -40,7 +40,8 @@ SIZES = {
     "full": dict(train_length=64, steps=600, batch_size=12, model=dict(), eval_tokens=32768, position_bin=16),
 }
 # Thresholds of the verdicts, each written beside the claim it decides.
-EXTRAPOLATES_RATIO = 1.10  # "extrapolates": loss at 8x the training length within 10% of the loss at 1x
+EXTRAPOLATES_RATIO = 1.10  # "extrapolates": loss at 8x the training length within 10% of the loss at 1x ...
+LEARNED_MARGIN = 0.1  # ... of a model that learned: its 1x loss at least 0.1 nats below the unigram loss
 DISTANCE_ONLY_TOLERANCE = 1e-5  # "depends on m - n only": largest deviation from a constant-diagonal matrix
 SAME_INPUT_TOLERANCE = 1e-6  # "adds no vector": input vectors of one repeated token equal at every position
 
@@ -206,8 +207,11 @@ def train_and_evaluate(run, data, windows: dict, sizes: dict, label: str, prepar
     return result, model
 
 
-def extrapolation(run, data, windows: dict, sizes: dict) -> tuple[dict, dict]:
-    """Train the lab model once per encoding at the training length; evaluate at 1x, 2x, 4x, 8x that length."""
+def extrapolation(run, data, windows: dict, sizes: dict, unigram: float) -> tuple[dict, dict]:
+    """Train the lab model once per encoding at the training length; evaluate at 1x, 2x, 4x, 8x that length.
+
+    A flat loss says nothing about extrapolation when the model learned nothing (a unigram guesser is flat at
+    every length): 'extrapolates' needs a 1x loss at least LEARNED_MARGIN below the unigram loss."""
     train_length = sizes["train_length"]
     results, models = {}, {}
     for position in ENCODINGS:
@@ -238,19 +242,23 @@ def extrapolation(run, data, windows: dict, sizes: dict) -> tuple[dict, dict]:
     beyond = {p: r["longest_loss_beyond_train_length"] for p, r in results.items()}
     at_1x = {p: r["val_loss"][0] for p, r in results.items()}
     best_1x = min(at_1x, key=at_1x.get)
-    extrapolates = {p: ratio <= EXTRAPOLATES_RATIO for p, ratio in ratios.items()}
+    learned = {p: loss <= unigram - LEARNED_MARGIN for p, loss in at_1x.items()}
+    extrapolates = {p: ratio <= EXTRAPOLATES_RATIO and learned[p] for p, ratio in ratios.items()}
     insights = [
         f"Loss at {lengths[-1]} tokens (8x) / loss at {lengths[0]}: "
         + ", ".join(f"{p} {ratios[p]:.2f}" for p in sorted(ratios, key=ratios.get)) + ".",
         f"In {lengths[-1]}-token windows, mean loss at positions >= {train_length} vs < {train_length}: "
         + ", ".join(f"{p} {beyond[p]:.2f} vs {inside[p]:.2f}" for p in ENCODINGS) + " nats/char.",
         f"Loss at the training length ({lengths[0]}): " + ", ".join(
-            f"{p} {at_1x[p]:.3f}" for p in sorted(at_1x, key=at_1x.get)) + f"; NoPE is "
-        f"{at_1x['none'] - at_1x[best_1x]:.2f} nats behind the best ({best_1x}).",
+            f"{p} {at_1x[p]:.3f}" for p in sorted(at_1x, key=at_1x.get)) + f" (unigram loss {unigram:.3f}); NoPE is "
+        f"{at_1x['none'] - at_1x[best_1x]:.2f} nats behind the best ({best_1x})"
+        + ("." if all(learned.values()) else f"; not {LEARNED_MARGIN} nats below the unigram loss, i.e. learned "
+           "(almost) nothing from the context: " + ", ".join(p for p in learned if not learned[p]) + "."),
     ]
 
     def extrapolation_verdict(claim, position, holds):
-        return {"claim": claim, "threshold": f"'extrapolates': loss at 8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x",
+        return {"claim": claim, "threshold": f"'extrapolates': loss at 8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x, "
+                                             f"and the 1x loss >= {LEARNED_MARGIN} nats below unigram ({unigram:.3f})",
                 "measured": f"8x/1x {ratios[position]:.2f} ({at_1x[position]:.3f} -> {results[position]['val_loss'][-1]:.3f})",
                 "verdict": "holds" if holds else "fails"}
 
@@ -263,7 +271,7 @@ def extrapolation(run, data, windows: dict, sizes: dict) -> tuple[dict, dict]:
                                                              not extrapolates["learned"]),
         "rope_suits_long_contexts": {
             "claim": "RoPE suits long contexts",
-            "threshold": f"holds: extrapolates (8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x); depends: it does not, "
+            "threshold": f"holds: extrapolates (8x within {EXTRAPOLATES_RATIO - 1:.0%} of 1x, having learned); depends: it does not, "
                          f"but has the lowest loss of all encodings at the training length; fails: neither",
             "measured": f"8x/1x {ratios['rope']:.2f}; loss at 1x {at_1x['rope']:.3f} (lowest: {best_1x} "
                         f"{at_1x[best_1x]:.3f})",
@@ -275,7 +283,7 @@ def extrapolation(run, data, windows: dict, sizes: dict) -> tuple[dict, dict]:
             "measured": f"sinusoidal {ratios['sinusoidal']:.2f}, rope {ratios['rope']:.2f}, alibi {ratios['alibi']:.2f}",
             "verdict": "holds" if published else "fails"},
     }
-    return {"encodings": results, "insights": insights, "verdicts": verdicts}, models
+    return {"encodings": results, "unigram_val_loss": unigram, "insights": insights, "verdicts": verdicts}, models
 
 
 def _mark_training_length(ax, train_length: int) -> None:
@@ -449,7 +457,7 @@ def main():
     print("\n2. similarity vs distance")
     distance = similarity_vs_distance(run, embed_dim, num_heads, lengths[-1], train_length)
     print(f"\n3. extrapolation: train at {train_length}, evaluate at {lengths} on {data.corpus}")
-    extrapolated, models = extrapolation(run, data, windows, sizes)
+    extrapolated, models = extrapolation(run, data, windows, sizes, unigram_loss(data, seed=run.seed))
     encodings = extrapolated["encodings"]
     print("\n4. the learned table")
     table = learned_table(run, models["learned"], train_length)
@@ -477,7 +485,8 @@ def main():
         print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
     run.finish({"sizes": sizes, "corpus": data.corpus, "eval_lengths": lengths, "heatmaps": heatmaps,
                 "similarity_vs_distance": distance, "extrapolation": encodings, "learned_table": table,
-                "bias_instead_of_vectors": inputs, "break_it": broken, "key_insights": insights,
+                "unigram_val_loss": extrapolated["unigram_val_loss"], "bias_instead_of_vectors": inputs,
+                "break_it": broken, "key_insights": insights,
                 "verdicts": verdicts})
 
 
