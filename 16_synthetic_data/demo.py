@@ -15,27 +15,27 @@ Experiments (04's lab model, trained with 00_utils' loop; every run starts from 
 
 import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
-import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
+import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import json
+import math
+import random
+from dataclasses import dataclass
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from data import CharVocab, load_corpus, train_val_split  # noqa: E402
-from dedup import (MinHasher, deduplicate, estimated_jaccard, exact_duplicate_groups, jaccard,  # noqa: E402
+from data import CharVocab, load_corpus, train_val_split
+from dedup import (MinHasher, deduplicate, estimated_jaccard, exact_duplicate_groups, jaccard,
                    lsh_candidate_pairs, lsh_candidate_probability, near_duplicate_groups, shingles)
-from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
-from generate import MarkovChain, add_noise, assign_splits, corrupt_ids  # noqa: E402
-from lab import lab_model_config, short_schedule  # noqa: E402
-from plotting import line, panels  # noqa: E402
-from runtime import Timer, seed_everything  # noqa: E402
-from training import train  # noqa: E402
-from transformer import MiniFormer  # noqa: E402
+from demo_cli import demo_parser, print_table, start_demo
+from generate import MarkovChain, add_noise, assign_splits, corrupt_ids
+from lab import lab_model_config, short_schedule
+from plotting import line, panels
+from runtime import Timer, seed_everything
+from training import train
+from transformer import MiniFormer
 
 # Quick and full runs differ in these sizes only.
 SIZES = {
@@ -442,7 +442,7 @@ def noise(run, bench: Bench, baseline_model, eval_real) -> dict:
                        title=f"With {EVAL_NOISE:.0%} of the inputs corrupted, the best noise-injected model is "
                              f"{results[best]['noisy_gain_over_baseline']:+.3f} nats better than clean training")
     rates = [results[n]["train_noise"] for n in injected]
-    line(axes[0], rates, {f"clean validation inputs": [results[n]["clean_inputs"]["loss"] for n in injected],
+    line(axes[0], rates, {"clean validation inputs": [results[n]["clean_inputs"]["loss"] for n in injected],
                           f"{EVAL_NOISE:.0%} of validation inputs substituted": [results[n]["noisy_inputs"]["loss"]
                                                                                 for n in injected]},
          xlabel="substitution rate of the training inputs (targets kept clean)", ylabel="validation loss (nats / char)",
