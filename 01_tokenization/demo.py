@@ -60,10 +60,10 @@ SIZES = {
                  naive_max_chars=140_000, max_vocab=8192, encode_vocab=4096, embed_vocab=2048, embed_steps=3000,
                  break_chars=300_000, break_vocab=1024, algo_chars=200_000, algo_vocab=1500, unigram_seeds=20_000,
                  repeats=3),
-    "quick": dict(corpus_chars=250_000, bench_chars=30_000, bench_vocab=512, scaling_chars=[10_000, 20_000, 40_000],
-                  scaling_vocab=384, naive_max_chars=40_000, max_vocab=2048, encode_vocab=1024, embed_vocab=1024,
-                  embed_steps=150, break_chars=40_000, break_vocab=512, algo_chars=40_000, algo_vocab=400,
-                  unigram_seeds=4_000, repeats=1),
+    "quick": dict(corpus_chars=250_000, bench_chars=20_000, bench_vocab=512, scaling_chars=[10_000, 20_000, 30_000],
+                  scaling_vocab=384, naive_max_chars=30_000, max_vocab=2048, encode_vocab=1024, embed_vocab=1024,
+                  embed_steps=100, break_chars=30_000, break_vocab=512, algo_chars=30_000, algo_vocab=400,
+                  unigram_seeds=3_000, repeats=1),
 }
 # The thresholds of the verdicts (results.json "verdicts"), written once beside the claims they decide.
 PEER_TIME_RATIO = 1.5         # "about as fast as HF": our training time at most 1.5x HF's
