@@ -40,10 +40,11 @@ from transformer import ConcatKVCache, MiniFormer, TransformerConfig  # noqa: E4
 MODES = ("basic", "full", "both")
 # Quick and full runs differ in these sizes only.
 SIZES = {
-    "quick": dict(basic_tokens=40, repeats=2, speed_tokens=120, speed_prompt=8, gpt2_positions=[8, 32], gpt2_steps=3,
+    "quick": dict(basic_tokens=40, repeats=2, speed_tokens=120, speed_prompt=8, uncached_tokens=60, uncached_samples=[30, 120], gpt2_positions=[8, 32], gpt2_steps=3,
                   flop_lengths=[16, 64, 256], memory_lengths=[64, 256, 1024], memory_batch=1,
                   preset="quick", quality_windows=4, budgets=[8, 16, 32]),
-    "full": dict(basic_tokens=56, repeats=3, speed_tokens=1000, speed_prompt=8, gpt2_positions=[16, 64, 256, 512], gpt2_steps=8,
+    "full": dict(basic_tokens=56, repeats=3, speed_tokens=1000, speed_prompt=8, uncached_tokens=100,
+                 uncached_samples=[30, 100, 300, 1000], gpt2_positions=[16, 64, 256, 512], gpt2_steps=8,
                  flop_lengths=[16, 32, 64, 128, 256, 512, 1024], memory_lengths=[64, 128, 256, 512, 1024],
                  memory_batch=4, preset="full", quality_windows=16, budgets=[8, 16, 24, 32, 48, 64]),
 }
@@ -117,38 +118,47 @@ def basic_comparison(run, trained, sizes) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 2
 def speed_vs_length(run, vocab_size: int, sizes) -> dict:
-    """Every step of a long greedy generation timed, with and without the cache; speedup(n) = ratio of the
-    times to generate the first n tokens."""
+    """Greedy generation with the cache, every step timed, to speed_tokens tokens; without the cache, every
+    step timed to uncached_tokens tokens, then single steps at sampled positions (an uncached step at
+    position n is a forward over n tokens, so timing all 1,000 on shared cores would take most of an hour)."""
     prompt_length, new_tokens = sizes["speed_prompt"], sizes["speed_tokens"]
-    config = long_context_lab_config(vocab_size, context_length=prompt_length + new_tokens)
+    config = long_context_lab_config(vocab_size, context_length=prompt_length + new_tokens + 1)
     model = random_model(config, run.device)
-    prompt = torch.randint(0, vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(run.seed)).to(run.device)
+    generator = torch.Generator().manual_seed(run.seed)
+    prompt = torch.randint(0, vocab_size, (1, prompt_length), generator=generator).to(run.device)
     capacity = prompt_length + new_tokens
-    arguments = {"cached": dict(cache_factory=lambda: PreallocatedKVCache(capacity)), "uncached": dict(use_cache=False)}
-    steps, tokens = {}, {}
-    for name, kwargs in arguments.items():
-        timed_generate(model, prompt, 5, run.device, **kwargs)  # warm-up
-        tokens[name], steps[name] = timed_generate(model, prompt, new_tokens, run.device, **kwargs)
-        print(f"  {name}: {new_tokens} tokens in {steps[name].sum():.2f} s")
-    lengths = np.arange(1, new_tokens + 1)
-    cumulative = {name: np.cumsum(s) for name, s in steps.items()}
-    speedup = cumulative["uncached"] / cumulative["cached"]
-    marks = [n for n in (10, 30, 100, 300, 1000) if n <= new_tokens] + ([new_tokens] if new_tokens not in (10, 30, 100, 300, 1000) else [])
-    at = {n: float(speedup[n - 1]) for n in marks}
-    fig, axes = panels(1, 1, width=7.0, height=4.4, title=(
-        "Speedup of generating n tokens grows with n: " + ", ".join(f"{at[n]:.1f}x at {n}" for n in marks)))
-    line(axes[0], lengths, {"measured: uncached time / cached time": speedup}, markers=False, logx=True, logy=True,
-         xlabel="generated tokens n (log scale)", ylabel="speedup (log scale)",
-         title=f"lab shape (4x128, RoPE), random weights, batch 1, {prompt_length}-token prompt, {run.device}")
-    axes[0].scatter(marks, [at[n] for n in marks], color="black", zorder=3, label="values in the title")
+    cached_args = dict(cache_factory=lambda: PreallocatedKVCache(capacity))
+    timed_generate(model, prompt, 5, run.device, **cached_args)  # warm-up
+    cached_tokens, cached = timed_generate(model, prompt, new_tokens, run.device, **cached_args)
+    measured_uncached = sizes["uncached_tokens"]
+    uncached_tokens, uncached = timed_generate(model, prompt, measured_uncached, run.device, use_cache=False)
+    print(f"  cached: {new_tokens} tokens in {cached.sum():.2f} s; uncached: {measured_uncached} tokens in {uncached.sum():.2f} s")
+    sampled = {}  # generated tokens n -> seconds of the uncached step that makes token n (position prompt + n - 1)
+    for n in sizes["uncached_samples"]:
+        context = torch.randint(0, vocab_size, (1, prompt_length + n - 1), generator=generator).to(run.device)
+        _, step = timed_generate(model, context, 1, run.device, use_cache=False)
+        sampled[n] = float(step[0])
+    end_to_end = np.cumsum(uncached) / np.cumsum(cached[:measured_uncached])  # speedup of generating n tokens
+    per_step = {n: sampled[n] / float(cached[n - 1]) for n in sampled}
+    at = {n: float(end_to_end[n - 1]) for n in (10, 30, 100) if n <= measured_uncached}
+    fig, axes = panels(1, 1, width=7.5, height=4.6, title=(
+        "Speedup grows with length: generating n tokens " + ", ".join(f"{v:.1f}x at {n}" for n, v in at.items())
+        + "; one step " + ", ".join(f"{v:.0f}x at {n}" for n, v in per_step.items() if n >= 100)))
+    lengths = np.arange(1, measured_uncached + 1)
+    axes[0].plot(lengths, end_to_end, color="tab:blue", label="generating n tokens: uncached time / cached time")
+    axes[0].plot(list(per_step), list(per_step.values()), "o--", color="tab:red",
+                 label="step n alone: uncached step time / cached step time")
+    axes[0].set(xscale="log", yscale="log", xlabel="generated tokens n (log scale)", ylabel="speedup (log scale)",
+                title=f"lab shape (4x128, RoPE), random weights, batch 1, {prompt_length}-token prompt, {run.device}")
     axes[0].legend()
     run.save(fig, "speedup_vs_length")
     return {"config": {"layers": config.num_layers, "heads": config.num_heads, "embed_dim": config.embed_dim,
                        "position": config.position, "context_length": config.context_length},
-            "prompt_tokens": prompt_length, "new_tokens": new_tokens,
-            "same_tokens": bool(torch.equal(tokens["cached"], tokens["uncached"])),
-            "step_seconds": steps, "total_seconds": {n: float(s.sum()) for n, s in steps.items()},
-            "speedup_at": at}
+            "prompt_tokens": prompt_length, "new_tokens": new_tokens, "uncached_tokens": measured_uncached,
+            "same_tokens": bool(torch.equal(cached_tokens[:, :uncached_tokens.shape[1]], uncached_tokens)),
+            "cached_step_seconds": cached, "uncached_step_seconds": uncached, "uncached_sampled_step_seconds": sampled,
+            "total_seconds": {"cached": float(cached.sum()), f"uncached_first_{measured_uncached}": float(uncached.sum())},
+            "speedup_at": at, "per_step_speedup_at": per_step}
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -177,31 +187,39 @@ def gpt2_step_times(run, sizes) -> dict:
 
 def time_per_token(run, speed: dict, gpt2: dict) -> dict:
     """Step time against position, cached and uncached, for the two model sizes."""
-    lab_cached, lab_uncached = speed["step_seconds"]["cached"], speed["step_seconds"]["uncached"]
-    positions = speed["prompt_tokens"] + np.arange(len(lab_cached))  # tokens the model has seen before the step
-    last = len(positions) - 1
-    lab_ratio = lab_uncached[last] / lab_cached[last]
+    lab_cached, lab_uncached = speed["cached_step_seconds"], speed["uncached_step_seconds"]
+    prompt = speed["prompt_tokens"]
+    sampled = speed["uncached_sampled_step_seconds"]
+    last = max(sampled)
+    lab_ratio = speed["per_step_speedup_at"][last]
     gpt2_ratio = gpt2["uncached_seconds"][-1] / gpt2["cached_seconds"][-1]
     fig, axes = panels(1, 2, width=6.0, height=4.4, title=(
-        f"Uncached step time grows with position, cached stays nearly flat: last step {lab_ratio:.0f}x (lab shape), "
-        f"{gpt2_ratio:.0f}x (GPT-2 shape at {gpt2['positions'][-1]})"))
+        f"Uncached step time grows with position, cached stays nearly flat: {lab_ratio:.0f}x at {prompt + last - 1} "
+        f"(lab shape), {gpt2_ratio:.0f}x at {gpt2['positions'][-1]} (GPT-2 shape)"))
+    positions = prompt + np.arange(len(lab_cached))  # tokens the model has seen before the step
+    axes[0].plot(positions[1:], 1000 * lab_cached[1:], color="tab:blue", label="cached, every step")
+    axes[0].plot(positions[1:len(lab_uncached)], 1000 * lab_uncached[1:], color="tab:red", label="uncached, every step")
+    axes[0].plot([prompt + n - 1 for n in sampled], [1000 * s for s in sampled.values()], "o", color="tab:red",
+                 label="uncached, single steps at sampled positions")
+    axes[0].set(xscale="log", yscale="log", xlabel="position n (tokens before the step, log scale)",
+                ylabel="ms per step (log scale)", title="lab shape 4x128, RoPE, random weights")
+    axes[0].legend()
     styles = {"uncached": {"color": "tab:red"}, "cached": {"color": "tab:blue"}}
-    line(axes[0], positions[1:], {"uncached": 1000 * lab_uncached[1:], "cached": 1000 * lab_cached[1:]}, styles=styles,
-         markers=False, logx=True, logy=True, xlabel="position n (tokens before the step, log scale)",
-         ylabel="ms per step (log scale)", title="lab shape 4x128, RoPE, random weights, every step")
     gpt2_ms = {"uncached": 1000 * np.array(gpt2["uncached_seconds"]), "cached": 1000 * np.array(gpt2["cached_seconds"])}
     line(axes[1], gpt2["positions"], gpt2_ms, styles=styles, logx=True, logy=True,
          xlabel="position n (tokens before the step, log scale)", ylabel="ms per step (log scale)",
          title=f"GPT-2-small shape ({gpt2['parameters'] / 1e6:.0f} M parameters), random weights")
     roofline_ms = 1000 * gpt2["roofline_seconds_per_token"]
     axes[1].axhline(roofline_ms, color="gray", linestyle=":",
-                    label=f"formula: weight bytes / read bandwidth = {roofline_ms:.1f} ms")
+                    label=f"formula: weight bytes / read bandwidth = {roofline_ms:.0f} ms")
+    axes[1].set_xticks(gpt2["positions"], [str(n) for n in gpt2["positions"]])
+    axes[1].minorticks_off()
     axes[1].legend()
     run.save(fig, "time_per_token")
-    return {"lab_last_step_ratio": lab_ratio, "gpt2_last_step_ratio": gpt2_ratio,
+    return {"lab_per_step_ratio_at_last_sample": lab_ratio, "gpt2_last_step_ratio": gpt2_ratio,
             "lab_cached_ms_first_10": 1000 * float(np.median(lab_cached[1:11])),
             "lab_cached_ms_last_10": 1000 * float(np.median(lab_cached[-10:])),
-            "lab_uncached_ms_last_10": 1000 * float(np.median(lab_uncached[-10:]))}
+            "lab_uncached_ms_at_last_sample": 1000 * sampled[last]}
 
 
 # ---------------------------------------------------------------------------------------------- 4
@@ -354,24 +372,31 @@ def quality_vs_budget(run, trained, sizes) -> dict:
 
 # ---------------------------------------------------------------------------------------------- verdicts
 def verdicts(speed: dict) -> dict:
-    """The spec's claim, decided on the measured end-to-end speedups of the lab shape."""
-    at = speed["speedup_at"]
-    measured = {n: at[n] for n in CLAIM_SPEEDUP if n in at}
-    met = {n: measured[n] >= CLAIM_SPEEDUP[n] for n in measured}
-    longest = max(at)
-    if len(met) < len(CLAIM_SPEEDUP):
+    """The spec's claim, decided on measured speedups of the lab shape. Generating n tokens averages the step
+    speedups of positions 1 .. n, which grow with n, so it is below the speedup of step n alone: if step n
+    alone misses the threshold, generating n tokens misses it too."""
+    end_to_end, per_step = speed["speedup_at"], speed["per_step_speedup_at"]
+    checks = {}
+    for n, threshold in CLAIM_SPEEDUP.items():
+        if n in end_to_end:
+            checks[n] = {"measured": end_to_end[n], "what": f"generating {n} tokens", "met": end_to_end[n] >= threshold}
+        elif n in per_step:
+            checks[n] = {"measured": per_step[n], "what": f"step {n} alone (an upper bound of generating {n})",
+                         "met": None if per_step[n] >= threshold else False}  # an upper bound can only refute
+    decided = [c["met"] for c in checks.values()]
+    if len(checks) < len(CLAIM_SPEEDUP) or None in decided and False not in decided:
         claim = "not measured"  # a quick run stops before 1,000 tokens
     else:
-        claim = "holds" if all(met.values()) else "depends" if any(met.values()) else "fails"
-    grows = at[longest] > at[min(at)] and at[longest] > 1
+        claim = "holds" if all(decided) else "fails" if not any(decided) else "depends"
+    ordered = sorted(per_step)
+    grows = all(per_step[a] < per_step[b] for a, b in zip(ordered, ordered[1:])) and per_step[ordered[-1]] > 1
     return {
         "speedup_10x_at_100_and_100x_at_1000": {
-            "verdict": claim, "rule": "holds if speedup(100) >= 10 and speedup(1000) >= 100; depends if only one "
-                                      "is met; fails if neither", "measured": measured},
+            "verdict": claim, "rule": "holds if speedup(100) >= 10 and speedup(1000) >= 100; depends if only one is met; "
+                                      "fails if neither", "measured": checks},
         "speedup_grows_with_length": {
-            "verdict": "holds" if grows else "fails",
-            "rule": f"holds if speedup({longest}) > speedup({min(at)}) and > 1",
-            "measured": {min(at): at[min(at)], longest: at[longest]}}}
+            "verdict": "holds" if grows else "fails", "rule": "holds if the per-step speedup rises at every sampled "
+                                                               "position and exceeds 1", "measured": per_step}}
 
 
 def key_insights(results: dict) -> list[str]:
@@ -380,19 +405,19 @@ def key_insights(results: dict) -> list[str]:
         b = results["basic"]
         rows = b["rows"]
         lines.append(f"Trained lab model, {b['new_tokens']} tokens: "
-                     + ", ".join(f"{n} {r['ms_per_token']:.2f} ms/token" for n, r in rows.items())
+                     + ", ".join(f"{n.replace(chr(10), ' ')} {r['ms_per_token']:.2f} ms/token" for n, r in rows.items())
                      + f"; identical tokens: {b['same_tokens']}; the cache holds {b['bytes_per_token']:,} bytes per token "
                        f"({b['cache_bytes']:,} for {b['cache_bytes'] // b['bytes_per_token']} tokens = the formula).")
     if "speed" in results:
         s, t = results["speed"], results["time_per_token"]
-        lines.append(f"Lab shape with RoPE: generating {s['new_tokens']} tokens took {s['total_seconds']['uncached']:.1f} s "
-                     f"uncached vs {s['total_seconds']['cached']:.2f} s cached; speedup "
-                     + ", ".join(f"{v:.1f}x at {n}" for n, v in s["speedup_at"].items())
+        lines.append(f"Lab shape with RoPE: {s['new_tokens']} cached tokens in {s['total_seconds']['cached']:.2f} s; "
+                     f"generating n tokens is " + ", ".join(f"{v:.1f}x faster at n = {n}" for n, v in s["speedup_at"].items())
+                     + "; a single step at n is " + ", ".join(f"{v:.1f}x at {n}" for n, v in s["per_step_speedup_at"].items())
                      + f" (same tokens: {s['same_tokens']}).")
         lines.append(f"A cached step costs {t['lab_cached_ms_first_10']:.2f} ms near the start and "
-                     f"{t['lab_cached_ms_last_10']:.2f} ms at the end: a fixed per-step cost (Python, ~100 small "
-                     f"kernel launches) dominates a model this small, so the speedup is capped by uncached / "
-                     f"overhead rather than by the FLOP ratio.")
+                     f"{t['lab_cached_ms_last_10']:.2f} ms near 1,000 tokens: a fixed per-step cost (Python, ~100 small "
+                     f"kernel launches) dominates a model this small, so the speedup is capped by uncached step / "
+                     f"that overhead, far below the FLOP ratio.")
     if "gpt2" in results:
         g = results["gpt2"]
         lines.append(f"GPT-2-small shape: a cached step takes {1000 * g['cached_seconds'][0]:.1f} ms at position "
