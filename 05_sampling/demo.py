@@ -16,6 +16,8 @@ Experiments:
      what the penalty costs under the judge.
   5. beam_search: beam widths 1 (greedy) to 8: likelihood under the model and the judge, repetition; and
      the length penalty with a newline as the end-of-sequence token.
+  6. break_it: a repetition penalty that divides every seen logit, top-p before temperature, temperature 0
+     as a division.
 Every claim's verdict is decided in code against the threshold written beside it (results.json "verdicts").
 """
 
@@ -42,8 +44,8 @@ SIZES = {
     "quick": dict(contexts=256, prompts=8, samples_per_prompt=4, prompt_length=16, new_tokens=48,
                   greedy_prompts=8, greedy_tokens=96, beam_prompts=4, beam_widths=(1, 2, 4), beam_tokens=24,
                   argmax_draws=4),
-    "full": dict(contexts=2048, prompts=32, samples_per_prompt=8, prompt_length=16, new_tokens=48,
-                 greedy_prompts=32, greedy_tokens=192, beam_prompts=12, beam_widths=(1, 2, 4, 8), beam_tokens=48,
+    "full": dict(contexts=1024, prompts=24, samples_per_prompt=8, prompt_length=16, new_tokens=48,
+                 greedy_prompts=24, greedy_tokens=160, beam_prompts=8, beam_widths=(1, 2, 4, 8), beam_tokens=48,
                  argmax_draws=16),
 }
 PROMPT = "\nKING RICHARD III:\nNow is the winter of our "  # ends with a space: the next word's first letter
@@ -148,9 +150,10 @@ def distributions(run, bench: Bench) -> dict:
     shown = raw.argsort(descending=True)[:16].cpu()  # the 16 most likely characters of the raw distribution
     labels = [repr(bench.vocab.chars[i])[1:-1].replace(" ", "\u2423") for i in shown.tolist()]
     numbers = {}
+    all_probs = {name: next_token_probabilities(logits, prompt, config)[0] for name, config in settings.items()}
+    shared_top = 1.1 * max(float(p[shown].max()) for name, p in all_probs.items() if name != "T=0 (greedy)")
     fig, axes = panels(2, 5, width=3.3, height=2.8)
-    for ax, (name, config) in zip(axes, settings.items()):
-        probs = next_token_probabilities(logits, prompt, config)[0]
+    for ax, (name, probs) in zip(axes, all_probs.items()):
         kept = int((probs > 0).sum())
         H = float(entropy(probs.log()[None])[0])
         numbers[name] = {"kept_tokens": kept, "entropy_nats": H, "effective_vocabulary": math.exp(H),
@@ -159,7 +162,7 @@ def distributions(run, bench: Bench) -> dict:
         ax.bar(range(len(shown)), raw[shown].cpu().numpy(), color="lightgray", label="T=1 (the model)")
         ax.bar(range(len(shown)), probs[shown].cpu().numpy(), color="tab:blue", width=0.55, label=name)
         ax.set_xticks(range(len(shown)), labels, fontsize=7)
-        ax.set_ylim(0, 1.0)
+        ax.set_ylim(0, 1.05 if name == "T=0 (greedy)" else shared_top)  # greedy: one bar at 1
         ax.set_title(f"{name}\n{kept} kept, exp(H) = {math.exp(H):.1f}", fontsize=9)
         ax.set_ylabel("probability" if ax in (axes[0], axes[5]) else "")
     axes[0].legend(["the model (T=1)", "this setting"], loc="upper right", fontsize=7)
@@ -457,6 +460,69 @@ def beam_search_experiment(run, bench: Bench) -> dict:
     return {"widths": rows, "length_penalty": length_rows}
 
 
+# ---------------------------------------------------------------------------------------------- 6
+@torch.no_grad()
+def break_it(run, bench: Bench) -> dict:
+    """Three mistakes measured on the same contexts: a repetition penalty that divides every seen logit
+    (negative ones become more likely), top-p before temperature (the nucleus is chosen on the wrong
+    distribution), and temperature 0 as a division."""
+    context = bench.model.config.context_length
+    windows = bench.windows(bench.sizes["contexts"], context)
+    logits = bench.model(windows)[:, -1].float()  # (N, V)
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, windows, True)  # characters in the context
+
+    def seen_mass(penalised):
+        return (penalised.softmax(-1) * seen).sum(-1).mean().item()
+
+    penalty = 1.5
+    naive = torch.where(seen, logits / penalty, logits)  # divides negative logits too: they move towards 0
+    ctrl = process_logits(logits, windows, SamplingConfig(repetition_penalty=penalty))
+    negative_seen = (logits < 0) & seen
+    boosted = ((naive > logits) & negative_seen).sum().item() / max(1, negative_seen.sum().item())
+    order = {}
+    for t in (0.5, 1.5):
+        right = process_logits(logits, None, SamplingConfig(temperature=t, top_p=0.9))
+        wrong = apply_temperature(process_logits(logits, None, SamplingConfig(top_p=0.9)), t)
+        order[t] = {"kept_right_order": torch.isfinite(right).sum(-1).float().mean().item(),
+                    "kept_top_p_first": torch.isfinite(wrong).sum(-1).float().mean().item(),
+                    "entropy_right_order": entropy(right).mean().item(),
+                    "entropy_top_p_first": entropy(wrong).mean().item()}
+    divided = (logits[:4] / 0.0).softmax(-1)  # +-inf logits: inf - inf = NaN inside the softmax
+    try:
+        torch.multinomial(divided, 1)
+        division_error = "no error"
+    except RuntimeError as error:
+        division_error = str(error).splitlines()[0]
+    numbers = {"penalty": penalty, "seen_mass_no_penalty": seen_mass(logits), "seen_mass_ctrl": seen_mass(ctrl),
+               "seen_mass_naive_division": seen_mass(naive), "negative_seen_logits_made_likelier_by_naive": boosted,
+               "top_p_0.9_order": order, "temperature_zero_by_division_nan_share": divided.isnan().float().mean().item(),
+               "temperature_zero_by_division_error": division_error}
+    fig, axes = panels(1, 2, width=5.4, height=3.9,
+                       title=f"Characters already in the context hold {numbers['seen_mass_no_penalty']:.0%} of the "
+                             f"probability; top-p before T=0.5 keeps {order[0.5]['kept_top_p_first']:.1f} tokens "
+                             f"instead of {order[0.5]['kept_right_order']:.1f}")
+    names = ["no penalty", f"CTRL penalty {penalty:g}", f"divide all by {penalty:g}"]
+    masses = [numbers["seen_mass_no_penalty"], numbers["seen_mass_ctrl"], numbers["seen_mass_naive_division"]]
+    axes[0].bar(names, masses, color=["gray", "tab:blue", "tab:red"])
+    for i, m in enumerate(masses):
+        axes[0].annotate(f"{m:.3f}", (i, m), ha="center", va="bottom", fontsize=8)
+    axes[0].set(ylabel="probability of characters already in the context", ylim=(min(masses) - 0.05, 1.0),
+                title=f"mean over {logits.shape[0]} contexts")
+    x = np.arange(2)
+    for offset, (label, field, color) in enumerate((("temperature, then top-p (HF order)", "kept_right_order", "tab:blue"),
+                                                    ("top-p, then temperature", "kept_top_p_first", "tab:red"))):
+        values = [order[t][field] for t in (0.5, 1.5)]
+        axes[1].bar(x + (offset - 0.5) * 0.38, values, width=0.38, color=color, label=label)
+        for xi, v in zip(x + (offset - 0.5) * 0.38, values):
+            axes[1].annotate(f"{v:.1f}", (xi, v), ha="center", va="bottom", fontsize=8)
+    axes[1].set_xticks(x, ["T = 0.5", "T = 1.5"])
+    axes[1].set(ylabel="tokens kept by top-p 0.9 (mean over contexts)", title="the order of temperature and top-p")
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    run.save(fig, "break_it")
+    return numbers
+
+
 # ---------------------------------------------------------------------------------------------- verdicts
 def verdicts(entropy_numbers: dict, frontier: dict) -> dict:
     """Each claim decided against the threshold named in its rule."""
@@ -510,11 +576,15 @@ def verdicts(entropy_numbers: dict, frontier: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def main():
-    args = demo_parser(__doc__).parse_args()
+    parser = demo_parser(__doc__)
+    parser.add_argument("--judge", choices=("quick", "full", "large"), default=None,
+                        help="lab preset of the judge of quality (default: large; in --quick the quick model itself)")
+    args = parser.parse_args()
     run = start_demo(args, __file__)
     sizes = SIZES["quick" if run.quick else "full"]
     lab = trained_lab_model("quick" if run.quick else "full", run.device)
-    judge = lab if run.quick else trained_lab_model("large", run.device)
+    judge_preset = args.judge or ("quick" if run.quick else "large")
+    judge = lab if judge_preset == lab.record["preset"] else trained_lab_model(judge_preset, run.device)
     text, _ = load_corpus("auto")
     _, val = train_val_split(lab.data.vocab.encode(text), val_fraction=0.1)
     bench = Bench(lab.model, judge.model, lab.data.vocab, val, run.device, run.seed, sizes, lab.record["preset"],
@@ -532,6 +602,8 @@ def main():
     penalty = repetition_penalty(run, bench)
     print("\n5. beam search")
     beams = beam_search_experiment(run, bench)
+    print("\n6. break it")
+    broken = break_it(run, bench)
 
     key = f"distinct_{DISTINCT_N}"
     table = [{"sweep": name, "setting": p["setting"], key: p[key], "judge ll": p["judge_log_likelihood"],
@@ -567,7 +639,7 @@ def main():
 
     run.finish({"sizes": sizes, "model": lab.record, "judge": judge.record, "distributions": dist,
                 "entropy_vs_temperature": ent, "diversity_vs_quality": frontier, "repetition_penalty": penalty,
-                "beam_search": beams, "verdicts": decided})
+                "beam_search": beams, "break_it": broken, "verdicts": decided})
 
 
 if __name__ == "__main__":
