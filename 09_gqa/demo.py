@@ -25,6 +25,7 @@ import lab_paths  # noqa: E402,F401  (puts every NN_topic folder on sys.path)
 
 import math  # noqa: E402
 import statistics  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -44,9 +45,10 @@ from transformer import AttentionContext, CausalSelfAttention, ConcatKVCache, Mi
 
 # Quick and full runs differ in these sizes only.
 SIZES = {
-    "quick": dict(steps=10, val_batches=4, uptrain_steps=4, contexts=(64, 256), decode_steps=2, repeats=1),
-    "full": dict(steps=150, val_batches=20, uptrain_steps=40, contexts=(64, 256, 1024, 4096), decode_steps=8,
-                 repeats=1),
+    "quick": dict(steps=10, val_batches=4, uptrain_steps=4, timing_steps=4, contexts=(64, 256), decode_steps=2,
+                  repeats=1),
+    "full": dict(steps=60, val_batches=12, uptrain_steps=20, timing_steps=10, contexts=(64, 256, 1024, 4096),
+                 decode_steps=4, repeats=1),
 }
 NUM_HEADS = 8  # the 8-head lab variant: head dim 128 / 8 = 16
 ROPE_HEAD_DIM = 8  # DeepSeek-V2's ratio: d_rope = d_h / 2
@@ -182,8 +184,9 @@ def cache_bytes(run, lab_rows: list) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 2
 def train_variant(data, sizes, run, windows, label, seed=None, **overrides):
-    model, history = train_lab_variant(data, short_schedule(sizes["steps"]), seed=run.seed if seed is None else seed,
-                                       device=run.device, **overrides)
+    schedule = short_schedule(sizes["steps"], eval_interval=sizes["steps"], eval_batches=2)  # we evaluate ourselves
+    model, history = train_lab_variant(data, schedule, seed=run.seed if seed is None else seed, device=run.device,
+                                       **overrides)
     result = {"val_loss": validation_loss(model, windows), "train_tokens_per_second": history.tokens_per_second,
               "train_seconds": history.train_seconds, "parameters": model.num_parameters(),
               "diverged": history.diverged}
@@ -245,8 +248,8 @@ def quality_vs_cache(run, sizes, data, windows, unigram: float) -> tuple[dict, d
 
     fig, axes = panels(1, 1, width=8.0, height=5.0,
                        title=f"At equal parameters, GQA-2 (4x smaller cache) keeps {retained:.0%} of MHA's gain;\n"
-                             + ", ".join(f"{k} {v['gqa_over_mla_bytes']:.1f}x smaller than GQA at its loss"
-                                         for k, v in mla_compare.items()))
+                             + "GQA at the loss of " + ", ".join(f"{k} needs {v['gqa_over_mla_bytes']:.2f}x its bytes"
+                                                                 for k, v in mla_compare.items()))
     ax = axes[0]
     gqa_labels = [kv_label(h) for h in GQA_KV_HEADS]
     ax.plot([results[k]["measured_bytes"] for k in gqa_labels], [results[k]["val_loss"] for k in gqa_labels],
@@ -263,6 +266,7 @@ def quality_vs_cache(run, sizes, data, windows, unigram: float) -> tuple[dict, d
            title=f"{sizes['steps']} steps each, same seed and batches, "
                  f"{results['MHA']['parameters']:,} parameters (+- one FFN unit)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.subplots_adjust(top=0.82)  # room for the two-line title
     run.save(fig, "quality_vs_cache")
     summary = {"variants": results, "mha_second_seed": second_seed, "seed_spread": spread, "unigram_loss": unigram,
                "gqa2_quality_retained": retained, "gqa2_cache_ratio": cache_ratio, "mla_vs_gqa": mla_compare,
@@ -349,7 +353,8 @@ def conversion(run, sizes, data, windows, key_models: dict, key_results: dict) -
     """The key figure's trained 8-head MHA -> GQA-2 (a 4x smaller cache) and MQA by three methods; validation
     loss before and after a short uptraining, beside MHA given the same extra steps and GQA trained from scratch."""
     source = key_models["MHA"]
-    schedule = short_schedule(sizes["uptrain_steps"], learning_rate=UPTRAIN_LR)
+    schedule = short_schedule(sizes["uptrain_steps"], learning_rate=UPTRAIN_LR, eval_interval=sizes["uptrain_steps"],
+                              eval_batches=2)
 
     def uptrain(model):
         data.generator.manual_seed(run.seed + 7)  # the same uptraining batches for every model
@@ -435,10 +440,16 @@ def progression(run, sizes, data, windows, key_models: dict, key_results: dict) 
         print(f"  {name:28s} loss {row['val_loss']:.4f}  train {row['train_tokens_per_second']:,.0f} tok/s  "
               f"decode {row['decode_tokens_per_second']:,.0f} tok/s  cache {row['cache_bytes_per_token']} B/token")
 
-    basic, basic_model = train_variant(data, sizes, run, windows, "basic (03's attention)",
-                                       **with_equal_parameters(data.vocab.size, target,
-                                                               {**gqa_overrides(8), "attention": "scratch"}))
-    stage("1 basic", basic_model, basic, False, "03's from-scratch attention, no cache")
+    # Stage 1 is stage 2's weights on 03's from-scratch attention kernel (the same function: 04 tests them
+    # equal), so only its speed needs measuring: a short training run gives its training tokens/s.
+    timing_schedule = short_schedule(sizes["timing_steps"], eval_interval=sizes["timing_steps"], eval_batches=1)
+    _, timing = train_lab_variant(data, timing_schedule, seed=run.seed, device=run.device,
+                                  **with_equal_parameters(data.vocab.size, target,
+                                                          {**gqa_overrides(8), "attention": "scratch"}))
+    basic_model = MiniFormer(replace(key_models["MHA"].config, attention="scratch")).to(run.device).eval()
+    basic_model.load_state_dict(key_models["MHA"].state_dict())
+    stage("1 basic", basic_model, {"train_tokens_per_second": timing.tokens_per_second}, False,
+          f"03's from-scratch attention, no cache (stage 2's weights; training speed from {sizes['timing_steps']} steps)")
     stage("2 SDPA", key_models["MHA"], key_results["MHA"], False, "torch SDPA, no cache (the key figure's MHA)")
     stage("3 KV cache", key_models["MHA"], key_results["MHA"], True, "stage 2's model, decoded with 04's ConcatKVCache")
     stage("4 GQA-2", key_models["GQA-2"], key_results["GQA-2"], True, "2 KV heads for 8 query heads (key figure's)")
@@ -575,8 +586,8 @@ def main():
     print(f"- DeepSeek-V2 caches {cache['published'][3]['measured_bytes']:,} B per token (bf16), "
           f"{cache['deepseek_v2_mla_vs_own_mha']:.0f}x less than MHA with its own 128 heads and "
           f"{cache['llama2_over_deepseek_v2']:.1f}x less than Llama-2-7B.")
-    print(f"- At {decode['contexts'][-1]} cached tokens the naive MLA path is {decode['naive_over_absorbed_at_longest']:.1f}x "
-          f"slower per token than the absorbed one; MHA is {decode['mha_over_mqa_at_longest']:.2f}x MQA's time.")
+    print(f"- At {decode['contexts'][-1]} cached tokens the naive MLA path takes {decode['naive_over_absorbed_at_longest']:.2f}x "
+          f"the absorbed path's time per token; MHA takes {decode['mha_over_mqa_at_longest']:.2f}x MQA's time.")
     print(f"- Conversion: {gqa_label} mean/first/random start at "
           + "/".join(f"{rows[f'{gqa_label} {m}']['before']:.3f}" for m in ("mean", "first", "random"))
           + f", MQA at " + "/".join(f"{rows[f'MQA {m}']['before']:.3f}" for m in ("mean", "first", "random"))
