@@ -18,3 +18,6 @@ import lab_paths  # noqa: E402,F401
 _shared_data = ROOT.parent / "shared" / "data"
 if "LLM_LAB_DATA" not in os.environ and (_shared_data / "tinyshakespeare.txt").is_file():
     os.environ["LLM_LAB_DATA"] = str(_shared_data)
+# Passive OpenMP waiting (as run_all does for demos): on busy or shared cores, spinning torch threads made
+# tiny forwards tens of times slower. It must be set before torch starts its thread pool, hence here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -13,10 +13,10 @@ that define it (a change to any of them trains a new one); it is saved atomicall
 weights_only=True, and a stale, corrupt or foreign file is retrained, never used.
 """
 
+import ast
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -145,22 +145,17 @@ class TrainedLabModel:
 
 
 def model_cache_dir() -> Path:
-    """$LLM_LAB_MODELS, else <data dir>/models when writable (the data dir may be a read-only copy), else
-    a folder under the system temp dir."""
+    """$LLM_LAB_MODELS, else ~/.cache/llm_lab/models (XDG_CACHE_HOME honoured): one place, whatever LLM_LAB_DATA
+    points at (the corpus folder may be a read-only copy shared by many checkouts)."""
     if os.environ.get("LLM_LAB_MODELS"):
         return Path(os.environ["LLM_LAB_MODELS"]).expanduser()
-    preferred = data_dir() / "models"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / "llm_lab_models"
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "llm_lab" / "models"
 
 
 def _code_version() -> str:
-    """SHA-256 of the source files that define the model, its training and its data."""
+    """SHA-256 of the code that defines the model, its training and its data, read as syntax trees without
+    docstrings: editing a comment, a docstring or the layout keeps the cached model, editing code retrains it."""
     import data as data_module
     import training as training_module
 
@@ -168,7 +163,14 @@ def _code_version() -> str:
     files = [here / name for name in _SOURCES] + [Path(data_module.__file__), Path(training_module.__file__)]
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.read_bytes())
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
     return digest.hexdigest()[:16]
 
 

@@ -137,13 +137,15 @@ def main():
           f"{100 * evaluation['share_of_run']:.1f}% of a 2000-step run")
     print(f"  id range check: forward+backward {check['ratio_checked_over_unchecked']:.3f}x the unchecked time")
 
-    fig, axes = panels(1, len(profiles), width=4.8, height=3.6,
-                       title=f"One lab-model training step: backward and forward dominate; "
-                             f"{best['threads']} thread(s) fastest at {1000 * best['step_seconds']:.0f} ms")
+    largest = sorted(PHASES, key=lambda p: -best["share"][p])[:2]
+    fig, axes = panels(1, len(profiles), width=4.8, height=3.8, constrained=True,
+                       title=f"One lab-model training step: {largest[0]} {100 * best['share'][largest[0]]:.0f}% and "
+                             f"{largest[1]} {100 * best['share'][largest[1]]:.0f}% of the time; {best['threads']} "
+                             f"thread(s) fastest at {1000 * best['step_seconds']:.0f} ms")
     for ax, profile in zip(axes, profiles):
         bar(ax, list(PHASES), [1000 * profile["median_seconds"][p] for p in PHASES], ylabel="median ms per step",
             title=f"{profile['threads']} torch thread(s): {profile['tokens_per_second']:,.0f} tokens/s",
-            annotate_fmt="{:.1f}", rotate=25)
+            annotate_fmt="{:.1f}", rotate=35)
     run.save(fig, "training_step_profile")
     rows = [{"threads": p["threads"], "ms/step": 1000 * p["step_seconds"], "tokens/s": p["tokens_per_second"],
              **{p_name: f"{100 * p['share'][p_name]:.0f}%" for p_name in PHASES}} for p in profiles]

@@ -97,3 +97,26 @@ def test_a_stale_cached_model_is_retrained(tiny_preset, monkeypatch):
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="preset"):
         trained_lab_model("huge")
+
+
+def test_code_version_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(lab, "_SOURCES", ())
+    import data as data_module
+
+    original = lab._code_version()
+    text = open(data_module.__file__).read()
+    edited = tmp_path / "data.py"
+    edited.write_text(text.replace('"""', '"""Edited. ', 1) + "\n# a comment\n")
+    monkeypatch.setattr(data_module, "__file__", str(edited))
+    assert lab._code_version() == original
+    edited.write_text(text + "\nEXTRA_CONSTANT = 1\n")
+    assert lab._code_version() != original
+
+
+def test_model_cache_dir_ignores_the_corpus_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("LLM_LAB_MODELS", raising=False)
+    monkeypatch.setenv("LLM_LAB_DATA", str(tmp_path / "read_only_corpus"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert lab.model_cache_dir() == tmp_path / "cache" / "llm_lab" / "models"
+    monkeypatch.setenv("LLM_LAB_MODELS", str(tmp_path / "models"))
+    assert lab.model_cache_dir() == tmp_path / "models"
