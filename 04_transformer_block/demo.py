@@ -69,7 +69,7 @@ def draw_unigram(ax, level: float):
 # 1. The reference training run
 # ---------------------------------------------------------------------------------------------------
 
-def reference_training(run, data, sizes):
+def reference_training(run, data, sizes, figure_name: str = "training_curves"):
     """nanoGPT's CPU configuration (4 layers, 4 heads, 128 dims, context 64, batch 12, lr 1e-3) on our code."""
     steps = sizes["reference_steps"]
     schedule = lab_train_config(steps=steps, eval_interval=max(1, steps // 8), eval_batches=sizes["eval_batches"],
@@ -84,27 +84,8 @@ def reference_training(run, data, sizes):
     start = torch.tensor([[vocab.index["\n"]]], device=run.device)
     sample = vocab.decode(model.generate(start, 300, temperature=0.8, generator=generator)[0, 1:].tolist())
 
-    fig, (ax_loss, ax_grad) = panels(1, 2, width=5.6, height=3.8,
-                                     title=f"Lab model: val loss {final_val:.3f} after {steps} steps "
-                                           f"({history.tokens_per_second:,.0f} tokens/s on {run.device.type})")
-    per_step = np.array(history.train_loss)
-    window = max(1, len(per_step) // 40)
-    smoothed = np.convolve(per_step, np.ones(window) / window, mode="valid")
-    ax_loss.plot(np.arange(1, len(per_step) + 1), per_step, color="0.75", lw=0.6, label="train loss per step")
-    ax_loss.plot(np.arange(window, len(per_step) + 1), smoothed, color="C0", label=f"train, mean of {window} steps")
-    ax_loss.plot(history.eval_steps, history.val_loss, "o-", color="C3", ms=4, label="validation (eval batches)")
-    ax_loss.axhline(NANOGPT_VAL_LOSS, color="k", ls="--", lw=1,
-                    label=f"nanoGPT README: {NANOGPT_VAL_LOSS} (quoted, not measured)")
-    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy (nats / character)", ylim=(1.0, 4.5),
-                title="Loss curves")
-    ax_loss.legend()
-    ax_grad.plot(np.arange(1, len(per_step) + 1), history.grad_norm, color="C2", lw=0.6)
-    ax_grad.set(xlabel="optimizer step", ylabel="global gradient norm (before clipping at 1)", yscale="log",
-                title="Gradient norm")
-    ax_grad.yaxis.set_major_formatter(ScalarFormatter())
-    ax_grad.yaxis.set_minor_formatter(ScalarFormatter())
-    run.save(fig, "training_curves")
-    return model, {
+
+    reference = {
         "steps": steps, "batch_size": BATCH_SIZE, "context_length": CONTEXT_LENGTH,
         "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
         "eval_steps": history.eval_steps, "val_curve": history.val_loss, "train_curve": history.eval_train_loss,
@@ -120,6 +101,34 @@ def reference_training(run, data, sizes):
                      f"at {history.tokens_per_second:,.0f} tokens/s, {wall.seconds:.0f} s wall time including "
                      f"evaluation."],
     }
+    draw_training_curves(run, reference, figure_name)
+    return model, reference
+
+
+def draw_training_curves(run, reference: dict, figure_name: str = "training_curves") -> None:
+    """Loss curves and gradient norm of the reference run, from its stored numbers."""
+    per_step = np.array(reference["train_loss_per_step"])
+    fig, (ax_loss, ax_grad) = panels(1, 2, width=5.6, height=3.8,
+                                     title=f"Lab model: val loss {reference['final_val_loss']:.3f} after "
+                                           f"{reference['steps']} steps ({reference['tokens_per_second']:,.0f} "
+                                           f"tokens/s on {run.device.type})")
+    window = max(1, len(per_step) // 40)
+    smoothed = np.convolve(per_step, np.ones(window) / window, mode="valid")
+    ax_loss.plot(np.arange(1, len(per_step) + 1), per_step, color="0.75", lw=0.6, label="train loss per step")
+    ax_loss.plot(np.arange(window, len(per_step) + 1), smoothed, color="C0", label=f"train, mean of {window} steps")
+    ax_loss.plot(reference["eval_steps"], reference["val_curve"], "o-", color="C3", ms=4,
+                 label="validation (eval batches)")
+    ax_loss.axhline(NANOGPT_VAL_LOSS, color="k", ls="--", lw=1,
+                    label=f"nanoGPT README: {NANOGPT_VAL_LOSS} (quoted, not measured)")
+    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy (nats / character)", ylim=(1.0, 4.5),
+                title="Loss curves")
+    ax_loss.legend()
+    ax_grad.plot(np.arange(1, len(per_step) + 1), reference["grad_norm_per_step"], color="C2", lw=0.6)
+    ax_grad.set(xlabel="optimizer step", ylabel="global gradient norm (before clipping at 1)", yscale="log",
+                title="Gradient norm")
+    ax_grad.yaxis.set_major_formatter(ScalarFormatter())
+    ax_grad.yaxis.set_minor_formatter(ScalarFormatter())
+    run.save(fig, figure_name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -585,7 +594,7 @@ def main():
     data = char_shakespeare_data(CONTEXT_LENGTH, BATCH_SIZE, run.device, seed=args.seed)
     print(f"corpus {data.corpus}, {data.vocab.size} characters, batches of {BATCH_SIZE} x {CONTEXT_LENGTH}")
     if args.only == "reference":
-        _, reference = reference_training(run, data, sizes)
+        _, reference = reference_training(run, data, sizes, "training_curves_reference_only")
         claim = "in about two minutes on 2 cores"
         verdict = verdicts(reference, None, None, {}, float("nan"), only=[claim])
         print(f"  {reference['insights'][0]}\n  {claim}: {verdict[claim]['verdict']} ({verdict[claim]['evidence']})")
