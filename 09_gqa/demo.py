@@ -47,7 +47,7 @@ from transformer import AttentionContext, CausalSelfAttention, ConcatKVCache, Mi
 SIZES = {
     "quick": dict(steps=10, val_batches=4, uptrain_steps=4, timing_steps=4, contexts=(64, 256), decode_steps=2,
                   repeats=1),
-    "full": dict(steps=60, val_batches=12, uptrain_steps=20, timing_steps=10, contexts=(64, 256, 1024, 4096),
+    "full": dict(steps=200, val_batches=12, uptrain_steps=60, timing_steps=10, contexts=(64, 256, 1024, 4096),
                  decode_steps=4, repeats=1),
 }
 NUM_HEADS = 8  # the 8-head lab variant: head dim 128 / 8 = 16
