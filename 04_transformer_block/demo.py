@@ -3,7 +3,7 @@
 learning rate) and trade depth for width at an equal parameter count.
 
     python 04_transformer_block/demo.py                      # full run: 2000-step reference + 400-step ablations
-    python 04_transformer_block/demo.py --quick              # smoke run: 100 steps + 30-step ablations
+    python 04_transformer_block/demo.py --quick              # smoke run: 60 steps + 20-step ablations
     python 04_transformer_block/demo.py --pretrained gpt2    # only: the real GPT-2 weights in our MiniFormer
 """
 
@@ -31,8 +31,10 @@ from transformer import ConcatKVCache, MiniFormer
 # but gets us a loss of only 1.88". Quoted for comparison, never measured here.
 NANOGPT_VAL_LOSS, NANOGPT_MINUTES = 1.88, 3.0
 CONTEXT_LENGTH, BATCH_SIZE = 64, 12
-SIZES = {"quick": dict(reference_steps=100, ablation_steps=30, eval_batches=5, final_eval_batches=10, interop_scale=4),
-         "full": dict(reference_steps=2000, ablation_steps=400, eval_batches=20, final_eval_batches=200, interop_scale=1)}
+SIZES = {"quick": dict(reference_steps=60, ablation_steps=20, eval_batches=4, final_eval_batches=8, interop_scale=4,
+                       interop_tokens=12, sample_characters=100),
+         "full": dict(reference_steps=2000, ablation_steps=400, eval_batches=20, final_eval_batches=200, interop_scale=1,
+                      interop_tokens=40, sample_characters=300)}
 # Thresholds of the computed verdicts (see `verdicts`): what counts as "matches", "stuck", "helps".
 MATCH_NANOGPT_NATS = 0.03  # |our val loss - 1.88| within this = matches nanoGPT's reference
 TWO_MINUTES_SECONDS = 150  # "about two minutes" on 2 cores: wall time of the reference run at most this
@@ -50,7 +52,9 @@ def train_variant(run, data, schedule, **config_overrides):
 
 def variant_schedule(run, steps: int, **overrides):
     """The short schedule of the ablations; quick runs evaluate on fewer batches (evaluation dominated them)."""
-    return short_schedule(steps, eval_batches=3 if run.quick else 10, **overrides)
+    if run.quick:
+        overrides = {"eval_batches": 2, "eval_interval": max(1, steps // 2), **overrides}
+    return short_schedule(steps, **overrides)
 
 
 @torch.no_grad()
@@ -82,7 +86,8 @@ def reference_training(run, data, sizes, figure_name: str = "training_curves"):
     generator = torch.Generator(device=run.device).manual_seed(run.seed)
     vocab = data.vocab
     start = torch.tensor([[vocab.index["\n"]]], device=run.device)
-    sample = vocab.decode(model.generate(start, 300, temperature=0.8, generator=generator)[0, 1:].tolist())
+    sample = vocab.decode(model.generate(start, sizes["sample_characters"], temperature=0.8,
+                                         generator=generator)[0, 1:].tolist())
 
 
     reference = {
@@ -416,9 +421,10 @@ def shrink(settings: dict, scale: int) -> dict:
     return {k: v // scale if k in ("n_embd", "hidden_size", "intermediate_size") else v for k, v in settings.items()}
 
 
-def interop(run, scale: int = 1):
+def interop(run, scale: int = 1, new_tokens: int = 40):
     """Max |logit difference| between Hugging Face models and our conversions of them, whether greedy generation
-    (ours with our KV cache, theirs with theirs) picks the same 40 tokens, and what each classic mistake costs."""
+    (ours with our KV cache, theirs with theirs) picks the same `new_tokens` tokens, and what each classic
+    mistake costs."""
     try:
         import transformers
     except ImportError:
@@ -431,8 +437,8 @@ def interop(run, scale: int = 1):
         ids = torch.randint(0, settings["vocab_size"], (4, 64), device=run.device)
         hf_logits = hf_model(ids).logits
         prompt = ids[:1, :8]
-        ours_tokens = ours.generate(prompt, 40, temperature=0)
-        hf_tokens = hf_model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        ours_tokens = ours.generate(prompt, new_tokens, temperature=0)
+        hf_tokens = hf_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         correct[name] = {"max_abs_logit_difference": (ours(ids) - hf_logits).abs().max().item(),
                          "logit_scale": hf_logits.abs().max().item(),
                          "greedy_identical": torch.equal(ours_tokens, hf_tokens)}
@@ -609,7 +615,7 @@ def main():
     ablation = ablations(run, data, sizes["ablation_steps"], unigram)
     pre_post = pre_vs_post_high_lr(run, data, sizes["ablation_steps"], ablation, unigram)
     shapes = depth_vs_width(run, data, sizes["ablation_steps"])
-    hf_interop = interop(run, sizes["interop_scale"])
+    hf_interop = interop(run, sizes["interop_scale"], sizes["interop_tokens"])
 
     steps = sizes["ablation_steps"]
     rows = [{"experiment": "reference (nanoGPT CPU config)", "steps": reference["steps"],
