@@ -2,12 +2,15 @@
 naive path (values, gradients, greedy tokens with the cache), cached == full forward, cache bytes ==
 (d_c + d_rope) * layers * bytes per element per token, the depth-scaled output init, bad arguments."""
 
+import functools
+
 import pytest
 import torch
 
 from gqa import held_bytes, mla_cache_bytes_per_token
 from mla import LatentKVCache, MultiHeadLatentAttention, mla_factory, register_mla, use_absorbed_path
 from mla_interop import miniformer_from_hf_deepseek_v3
+from test_gqa import build as build_with_large_weights
 from testing import require
 from transformer import ConcatKVCache, MiniFormer, TransformerConfig, unregister
 
@@ -33,14 +36,8 @@ def tiny_config(attention_module, **overrides) -> TransformerConfig:
     return TransformerConfig(**settings)
 
 
-def build(config, seed=0, std=0.2):
-    """A model with large random weights (attention far from uniform, so mistakes show)."""
-    torch.manual_seed(seed)
-    model = MiniFormer(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, std)
-    return model
+# Large random weights (attention far from uniform, so mistakes show); MLA's tests use a smaller std.
+build = functools.partial(build_with_large_weights, std=0.2)
 
 
 def random_ids(vocab_size, batch=2, length=16, seed=0):
