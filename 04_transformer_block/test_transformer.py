@@ -353,6 +353,51 @@ def test_concat_cache_rejects_an_offset_that_disagrees_with_what_it_holds():
             model(ids[:1, 4:5], kv_cache=cache)
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_reordered_cache_continues_each_row_from_its_parent(position):
+    """After reorder([2, 0, 2]) the next step's logits equal a forward over the reordered full sequences."""
+    config = tiny_config(position=position, num_kv_heads=2)
+    model = build(config)
+    ids = random_ids(config, batch=3, length=9)
+    parents = torch.tensor([2, 0, 2])
+    cache = ConcatKVCache()
+    with torch.no_grad():
+        model(ids[:, :8], kv_cache=cache)
+        cache.reorder(parents)
+        stepped = model(ids[parents, 8:9], kv_cache=cache)[:, -1]
+        full = model(ids[parents])[:, -1]
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 3]), torch.tensor([0.0, 1.0, 2.0])):
+        with pytest.raises(ValueError, match="batch_indices"):
+            cache.reorder(bad)
+
+
+def test_new_cache_is_the_kind_the_attention_module_names():
+    from transformer import CausalSelfAttention, register_attention
+
+    class RecordingCache(ConcatKVCache):
+        made = 0
+
+        def __init__(self):
+            super().__init__()
+            RecordingCache.made += 1
+
+    class AttentionWithItsOwnCache(CausalSelfAttention):
+        cache_factory = RecordingCache
+
+    register_attention("test_own_cache", AttentionWithItsOwnCache)
+    try:
+        model = build(tiny_config(attention_module="test_own_cache"))
+        assert isinstance(model.new_cache(), RecordingCache)
+        ids = random_ids(model.config, batch=1, length=4)
+        cached = model.generate(ids, 5, temperature=0)  # the default cache is the module's
+        assert RecordingCache.made == 2
+        torch.testing.assert_close(cached, model.generate(ids, 5, temperature=0, use_cache=False))
+    finally:
+        unregister("attention", "test_own_cache")
+    assert type(build(tiny_config()).new_cache()) is ConcatKVCache
+
+
 @pytest.mark.parametrize("position", ["learned", "alibi", "rope"])
 def test_returned_attention_weights_are_causal_distributions_and_change_nothing(position):
     config = tiny_config(position=position, num_kv_heads=2)

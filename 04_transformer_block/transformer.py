@@ -213,8 +213,11 @@ class KVCache(Protocol):
     key_positions absolute positions (T_held,) of what update() just returned, in the same order: a
                   ring buffer or a heavy-hitter cache holds keys that do not start at 0.
     advance       called once after the forward with the number of new tokens.
-    Optional: `evicts = True` (the cache drops old keys itself, so generation never refills it) and
-    `observe_attention(layer_index, weights)` (the cache sees each step's attention weights (B, H, T, T_held)).
+    Optional: `evicts = True` (the cache drops old keys itself, so generation never refills it),
+    `observe_attention(layer_index, weights)` (the cache sees each step's attention weights (B, H, T, T_held))
+    and `reorder(batch_indices)` (row b continues from row batch_indices[b]: beam search, 05).
+    An attention module whose cache holds something else than k and v names its cache class in a
+    `cache_factory` attribute; MiniFormer.new_cache() builds that kind by default.
     """
 
     offset: int
@@ -224,6 +227,16 @@ class KVCache(Protocol):
     def key_positions(self, layer_index: int) -> torch.Tensor: ...
 
     def advance(self, num_new_tokens: int) -> None: ...
+
+
+def check_batch_indices(batch_indices, batch_size: int) -> torch.Tensor:
+    """A cache's reorder() argument: a LongTensor (batch_size,) of rows in 0 .. batch_size - 1."""
+    if not isinstance(batch_indices, torch.Tensor) or batch_indices.dtype != torch.long or \
+            batch_indices.shape != (batch_size,):
+        raise ValueError(f"batch_indices must be a LongTensor of shape ({batch_size},), got {batch_indices!r}")
+    if batch_size and not (0 <= int(batch_indices.min()) and int(batch_indices.max()) < batch_size):
+        raise ValueError(f"batch_indices must lie in 0 .. {batch_size - 1}, got {batch_indices.tolist()}")
+    return batch_indices
 
 
 def position_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, alibi: torch.Tensor | None = None,
@@ -477,6 +490,11 @@ class MiniFormer(nn.Module):
         x, hidden, _ = self._run_blocks(idx, keep_hidden=True)
         return self.final_norm_and_head(x), hidden
 
+    def new_cache(self):
+        """An empty KV cache of the kind this model's attention reads: its `cache_factory` attribute (09's
+        MLA caches a latent, not k and v), else ConcatKVCache."""
+        return getattr(self.blocks[0].attn, "cache_factory", ConcatKVCache)()
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, sampler: Callable | None = None, *, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
@@ -485,7 +503,7 @@ class MiniFormer(nn.Module):
 
         sampler(logits (B, V), tokens so far (B, T')) -> next ids (B, 1) picks each token (05's samplers);
         without one, sample_next_token(temperature, top_k, generator) does (temperature 0 = greedy).
-        cache_factory() returns an empty KV cache (default ConcatKVCache; 06's caches plug in here).
+        cache_factory() returns an empty KV cache (default new_cache(); 06's caches plug in here).
         The model sees at most context_length tokens. Without a cache each step re-reads the last
         context_length tokens; with one each step feeds one token, and when the cache reaches
         context_length it is refilled from the last context_length tokens, so both paths compute the same
@@ -502,7 +520,7 @@ class MiniFormer(nn.Module):
             raise ValueError(f"sampler must be callable (logits, tokens) -> ids, got {sampler!r}")
         self._check_ids(idx)
         context = self.config.context_length
-        cache_factory = cache_factory or ConcatKVCache
+        cache_factory = cache_factory or self.new_cache
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -578,3 +596,13 @@ class ConcatKVCache:
 
     def advance(self, num_new_tokens: int) -> None:
         self.offset += num_new_tokens
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Row b of every layer becomes the old row batch_indices[b] (B,): beam search continues each
+        surviving beam from its parent's keys."""
+        if not self.keys:
+            return
+        check_batch_indices(batch_indices, next(iter(self.keys.values())).shape[0])
+        for store in (self.keys, self.values):
+            for layer_index, held in store.items():
+                store[layer_index] = held.index_select(0, batch_indices)

@@ -283,7 +283,8 @@ class BeamSearchResult:
     scores: torch.Tensor  # (B,) its sum of log-probabilities / generated_length ** length_penalty
 
 
-def _check_beam_arguments(prompt, num_beams, max_new_tokens, length_penalty, eos_token_id, early_stopping):
+def _check_beam_arguments(prompt, num_beams, max_new_tokens, length_penalty, eos_token_id, early_stopping,
+                          cache_factory):
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a tensor of token ids (B, T) with T >= 1, got "
                          f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
@@ -298,6 +299,8 @@ def _check_beam_arguments(prompt, num_beams, max_new_tokens, length_penalty, eos
         raise ValueError(f"eos_token_id must be an integer >= 0 or None, got {eos_token_id!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if cache_factory is not None and not callable(cache_factory):
+        raise ValueError(f"cache_factory must be None or a callable returning an empty KV cache, got {cache_factory!r}")
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -310,12 +313,14 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def beam_search(model: Callable, prompt: torch.Tensor, num_beams: int, max_new_tokens: int, *,
                 length_penalty: float = 1.0, eos_token_id: int | None = None, early_stopping: bool | str = False,
-                context_length: int | None = None) -> BeamSearchResult:
+                context_length: int | None = None, cache_factory: Callable | None = None) -> BeamSearchResult:
     """Beam search with Hugging Face's semantics (generate(num_beams=..., do_sample=False)).
 
     model(ids (N, T)) -> logits (N, T, V) (a MiniFormer, or any such callable); it sees at most
-    context_length tokens (default: model.config.context_length when it has one), recomputed every step
-    (no KV cache: a cache would have to be reordered whenever beams swap places).
+    context_length tokens (default: model.config.context_length when it has one). Without cache_factory
+    every step recomputes the whole context. With one (e.g. model.new_cache) the model is called as
+    model(ids, kv_cache=cache) and each step feeds only the new tokens: the cache's reorder() moves every
+    surviving beam's keys to its row, and at context_length the cache is refilled as in 04's generate.
 
     Each step extends every running beam by every token and keeps the 2 * num_beams best continuations by
     total log-probability. A continuation that ends (eos, or max_new_tokens reached) and ranks among the
@@ -326,7 +331,8 @@ def beam_search(model: Callable, prompt: torch.Tensor, num_beams: int, max_new_t
     when length_penalty > 0), when num_beams hypotheses are finished (early_stopping=True), or when every
     continuation ended.
     """
-    _check_beam_arguments(prompt, num_beams, max_new_tokens, length_penalty, eos_token_id, early_stopping)
+    _check_beam_arguments(prompt, num_beams, max_new_tokens, length_penalty, eos_token_id, early_stopping,
+                          cache_factory)
     if context_length is None:
         context_length = getattr(getattr(model, "config", None), "context_length", None)
     B, prompt_length = prompt.shape
@@ -345,11 +351,20 @@ def beam_search(model: Callable, prompt: torch.Tensor, num_beams: int, max_new_t
     can_improve = torch.ones(B, dtype=torch.bool, device=device)  # can a running beam still beat the worst kept?
     among_best = torch.arange(keep, device=device) < K  # (2K,): only the K best continuations may finish
 
+    cache = None
     for length in range(prompt_length, max_length):
         ids = running.reshape(B * K, length)
         if context_length is not None:
             ids = ids[:, -context_length:]
-        log_probs = model(ids)[:, -1, :].float().log_softmax(dim=-1)  # (B*K, V)
+        if cache_factory is None:
+            logits = model(ids)
+        elif cache is None or (context_length is not None and cache.offset + 1 > context_length
+                               and not getattr(cache, "evicts", False)):
+            cache = cache_factory()
+            logits = model(ids, kv_cache=cache)  # (re)fill with the whole context
+        else:
+            logits = model(ids[:, -1:], kv_cache=cache)  # only the token each beam just gained
+        log_probs = logits[:, -1, :].float().log_softmax(dim=-1)  # (B*K, V)
         V = log_probs.shape[-1]
         totals = log_probs.view(B, K, V) + running_scores[:, :, None]  # (B, K, V)
         candidate_scores, flat = totals.view(B, K * V).topk(keep, dim=-1)  # (B, 2K), best first
@@ -363,6 +378,9 @@ def beam_search(model: Callable, prompt: torch.Tensor, num_beams: int, max_new_t
         still_running = candidate_scores + ended.float() * _NEVER
         best = still_running.topk(K, dim=-1).indices  # (B, K)
         running, running_scores = _gather_beams(candidates, best), _gather_beams(still_running, best)
+        if cache is not None:  # running beam k of row b continues from the cache row of its parent beam
+            rows = torch.arange(B, device=device)[:, None] * K + _gather_beams(parents, best)  # (B, K)
+            cache.reorder(rows.reshape(B * K))
 
         # Those that ended among the K best join the finished hypotheses, unless the search is over for them.
         generated = length + 1 - prompt_length

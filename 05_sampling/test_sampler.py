@@ -195,6 +195,34 @@ def test_beam_search_with_miniformer_equals_hugging_face(case):
         assert_same_beams(result, sequences, scores, case["num_beams"])
 
 
+@pytest.mark.parametrize("case", BEAM_CASES[:3])
+def test_beam_search_with_a_reordered_kv_cache_equals_hugging_face(case):
+    """With model.new_cache each step feeds one token per beam and reorders the cache when beams swap
+    parents; the beams are still HF's."""
+    hf_model, ours = gpt2_pair()
+    prompt = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(1))
+    sequences, scores = hf_beam_search(hf_model, prompt, 12, case)
+    result = beam_search(ours, prompt, case["num_beams"], 12, length_penalty=case["length_penalty"],
+                         eos_token_id=case["eos_token_id"], early_stopping=case["early_stopping"],
+                         cache_factory=ours.new_cache)
+    assert_same_beams(result, sequences, scores, case["num_beams"])
+
+
+def test_beam_search_with_a_cache_refills_it_past_the_context_length():
+    """Past context_length the cached search refills its cache from the last context_length tokens, as the
+    uncached search re-reads them: same beams, same scores."""
+    _, ours = gpt2_pair()
+    prompt = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(2))
+    settings = dict(length_penalty=1.0, context_length=8)
+    plain = beam_search(ours, prompt, 3, 14, **settings)
+    cached = beam_search(ours, prompt, 3, 14, cache_factory=ours.new_cache, **settings)
+    for a, b in zip(plain.sequences, cached.sequences):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(plain.scores, cached.scores, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cache_factory"):
+        beam_search(ours, prompt, 3, 4, cache_factory="concat")
+
+
 # ------------------------------------------------------------------------------------------------
 # Hand-computed cases
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ The compressed variants (int8 and heavy-hitter caches) are in compressed_cache.p
 
 import torch
 
+from transformer import check_batch_indices
+
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -158,6 +160,18 @@ class PreallocatedKVCache:
             raise ValueError(f"advance({num_new_tokens}) from offset {self.offset}: layers {stale} hold other "
                              f"lengths than {expected}")
         self.offset = expected
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Row b becomes the old row batch_indices[b] (B,), in place in the buffers (beam search, 05).
+        Caches whose bookkeeping is shared by all rows (the heavy-hitter scores) keep it as it is."""
+        if not self.buffers:
+            return
+        first = next(iter(self.buffers.values()))[0]
+        check_batch_indices(batch_indices, (first[0] if isinstance(first, tuple) else first).shape[0])
+        for buffers in self.buffers.values():
+            for buffer in buffers:
+                for t in buffer if isinstance(buffer, tuple) else (buffer,):
+                    t.copy_(t.index_select(0, batch_indices.to(t.device)))
 
     @property
     def nbytes(self) -> int:

@@ -98,15 +98,10 @@ def validation_loss(model, windows) -> float:
     return sum(losses) / len(losses)
 
 
-def cache_for(model):
-    """The cache class a model's attention needs: MLA's latent cache or 04's ConcatKVCache."""
-    return LatentKVCache if isinstance(model.blocks[0].attn, MultiHeadLatentAttention) else ConcatKVCache
-
-
 @torch.no_grad()
 def measured_bytes_per_token(model, x) -> float:
     """Prefill x (B, T) into the model's cache and divide what the cache holds by B * T."""
-    cache = cache_for(model)()
+    cache = model.new_cache()
     model(x, kv_cache=cache)
     return held_bytes(cache) / x.numel()
 
@@ -294,7 +289,7 @@ def seconds_per_decoded_token(model, context: int, steps: int, repeats: int, see
     new_tokens = torch.randint(0, model.config.vocab_size, (1, steps), generator=generator).to(device)
     times, held = [], 0
     for _ in range(repeats):
-        cache = cache_for(model)()
+        cache = model.new_cache()
         model(prompt, kv_cache=cache)
         with Timer(device) as timer:
             for i in range(steps):
@@ -419,7 +414,7 @@ def decode_tokens_per_second(model, use_cache: bool, repeats: int, seed: int) ->
     prompt = torch.randint(0, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(next(model.parameters()).device)
     seconds = time_function(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache,
-                                                   cache_factory=cache_for(model)),
+                                                   cache_factory=model.new_cache),
                             next(model.parameters()).device, repeats=repeats)
     return new_tokens / seconds
 

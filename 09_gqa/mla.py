@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from attention import scaled_dot_product_attention
 from positional_embeddings import apply_rope
-from transformer import AttentionContext, mark_residual_projection, position_mask, register_attention
+from transformer import (AttentionContext, check_batch_indices, mark_residual_projection, position_mask,
+                         register_attention)
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's RMSNorm default for the latent norms (q_a_layernorm, kv_a_layernorm)
 
@@ -72,6 +73,15 @@ class LatentKVCache:
     def advance(self, num_new_tokens: int) -> None:
         self.offset += num_new_tokens
 
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Row b becomes the old row batch_indices[b] (B,) in every layer (beam search, 05)."""
+        if not self.latents:
+            return
+        check_batch_indices(batch_indices, next(iter(self.latents.values())).shape[0])
+        for store in (self.latents, self.rope_keys):
+            for layer_index, held in store.items():
+                store[layer_index] = held.index_select(0, batch_indices)
+
 
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2 attention: a low-rank latent KV, a decoupled RoPE key, optional query compression.
@@ -82,6 +92,8 @@ class MultiHeadLatentAttention(nn.Module):
     [nope ; rope], kv_up rows per head [k_nope ; v], kv_down rows [c_kv ; k_rope].
     RoPE is used exactly when config.position == "rope" (then rope_head_dim must be > 0, else 0).
     """
+
+    cache_factory = LatentKVCache  # MiniFormer.new_cache() builds this kind: c_kv and k_rope, not k and v
 
     def __init__(self, config, layer_index: int, kv_rank: int, rope_head_dim: int, query_rank: int | None = None,
                  nope_head_dim: int | None = None, value_head_dim: int | None = None, absorbed: bool = False):

@@ -149,9 +149,28 @@ def test_greedy_tokens_with_the_latent_cache_are_the_same_on_both_paths(mla, kv_
     model = build(config, std=0.1)
     prompt = random_ids(config.vocab_size, batch=2, length=5)
     uncached = model.generate(prompt, 20, temperature=0, use_cache=False)  # 25 tokens: past the context, refills
-    naive = model.generate(prompt, 20, temperature=0, cache_factory=LatentKVCache)
+    naive = model.generate(prompt, 20, temperature=0)  # the default cache is the module's: model.new_cache()
     absorbed = use_absorbed_path(model).generate(prompt, 20, temperature=0, cache_factory=LatentKVCache)
     assert torch.equal(naive, uncached) and torch.equal(absorbed, uncached)
+
+
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_the_latent_cache_is_the_default_and_reorders_rows_for_beam_search(mla, absorbed):
+    """After reorder([2, 0, 2]) the next step equals a forward over the reordered sequences (05's beam search
+    relies on it); model.new_cache() is the latent cache, not 04's ConcatKVCache."""
+    model = use_absorbed_path(build(tiny_config(mla(8, 4, 12))), absorbed)
+    cache = model.new_cache()
+    assert isinstance(cache, LatentKVCache)
+    ids = random_ids(model.config.vocab_size, batch=3, length=9)
+    parents = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        model(ids[:, :8], kv_cache=cache)
+        cache.reorder(parents)
+        stepped = model(ids[parents, 8:9], kv_cache=cache)[:, -1]
+        full = model(ids[parents])[:, -1]
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_indices"):
+        cache.reorder(torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("absorbed", [False, True])
