@@ -144,10 +144,10 @@ def test_capacity_mask_by_hand_first_choices_before_second_choices():
     # One expert, top-1: first come first served.
     assert capacity_mask(torch.tensor([[0], [0], [1], [0], [0]]), 2, 2).squeeze(1).tolist() == [
         True, True, True, False, False]
-    # Expert 0's queue: token 0 (rank 0), token 1 (rank 0), token 2 (rank 1): token 2's second choice is dropped,
-    # although token 2 comes before nothing else: first choices of later tokens outrank earlier second choices.
-    index = torch.tensor([[0, 1], [0, 2], [1, 0]])
-    assert capacity_mask(index, 3, 2).tolist() == [[True, True], [True, True], [True, False]]
+    # Expert 0's queue: token 1 (rank 0), token 2 (rank 0), token 0 (rank 1): token 0's second choice is the one
+    # dropped, although token 0 comes first (taken token by token, token 2's first choice would be dropped).
+    index = torch.tensor([[1, 0], [0, 2], [0, 1]])
+    assert capacity_mask(index, 3, 2).tolist() == [[True, False], [True, True], [True, True]]
     index = torch.tensor([[1, 0], [1, 0], [1, 0]])  # expert 1 takes the first two first choices only
     assert capacity_mask(index, 2, 2).tolist() == [[True, True], [True, True], [False, False]]
 
