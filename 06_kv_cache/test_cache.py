@@ -9,6 +9,7 @@ import torch
 from cache import PreallocatedKVCache, SlidingWindowKVCache, kv_cache_bytes
 from compressed_cache import HeavyHitterKVCache, Int8KVCache, dequantize_int8, quantize_int8
 from hf_interop import miniformer_from_hf_gpt2
+from test_transformer import check_reorder
 from testing import require
 from transformer import (POSITIONS, CausalSelfAttention, MiniFormer, TransformerConfig, position_mask,
                          register_attention, unregister)
@@ -97,22 +98,10 @@ def test_generate_with_a_ring_that_never_wraps_gives_the_uncached_tokens(positio
 
 @pytest.mark.parametrize("name", ["preallocated", "sliding_window", "int8"])
 def test_reordered_rows_continue_from_their_parents(name):
-    """reorder([2, 0, 2]) moves rows in place; the next step equals a forward over the reordered sequences
-    (int8: within its tolerance). 05's beam search uses this to keep one cache for all beams."""
+    """reorder() moves rows in place (int8: within its tolerance); 05's beam search keeps one cache for all beams."""
     make = {**CACHES, "int8": lambda: Int8KVCache(32)}[name]
-    model = build(tiny_config(position="rope", num_kv_heads=2))
-    ids = random_ids(model.config, batch=3, length=9)
-    parents = torch.tensor([2, 0, 2])
-    cache = make()
-    with torch.no_grad():
-        model(ids[:, :8], kv_cache=cache)
-        cache.reorder(parents)
-        stepped = model(ids[parents, 8:9], kv_cache=cache)[:, -1]
-        full = model(ids[parents])[:, -1]
-    tolerance = dict(atol=INT8_LOGIT_ATOL, rtol=0) if name == "int8" else EXACT
-    torch.testing.assert_close(stepped, full, **tolerance)
-    with pytest.raises(ValueError, match="batch_indices"):
-        cache.reorder(torch.tensor([0, 3, 1]))
+    check_reorder(build(tiny_config(position="rope", num_kv_heads=2)), make(),
+                  atol=INT8_LOGIT_ATOL if name == "int8" else 1e-5)
 
 
 @pytest.mark.parametrize("name", ["preallocated", "heavy_hitter"])
