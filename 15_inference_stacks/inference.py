@@ -15,7 +15,8 @@ The ladder, simplest first (the engine itself is in engine.py, its paged cache i
   naive_generate          04's MiniFormer.generate, one request at a time (its growing torch.cat cache)
   static_cache_generate   the same loop with 06's PreallocatedKVCache (sized once: no copy per step)
   hf_generate             Hugging Face's generate() on the model exported by hf_export.py
-  external_engines        vLLM, ExLlamaV2, llama.cpp: compared when installed, else a message why not
+  external_engines        vLLM, ExLlamaV2, llama.cpp: whether each is installed (none is here, and this
+                          topic has no adapter for them: the demo reports them as skipped, with why)
 """
 
 import importlib.util
@@ -60,7 +61,7 @@ def hf_generate(hf_model, prompt, max_new_tokens: int, sampling: SamplingConfig 
     settings = dict(do_sample=not sampling.greedy, repetition_penalty=sampling.repetition_penalty)
     if not sampling.greedy:
         settings.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
-                        min_p=sampling.min_p or None, min_tokens_to_keep=sampling.min_tokens_to_keep)
+                        min_p=sampling.min_p or None)
     torch.manual_seed(seed)
     with torch.no_grad():
         out = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
