@@ -174,10 +174,8 @@ class Engine:
         ids = [r.request_id for r in requests]
         lengths = [len(feeds[i]) for i in ids]
         view = BatchView(self.cache, ids, lengths)
-        tokens = torch.zeros(len(ids), max(lengths), dtype=torch.long)
-        for row, i in enumerate(ids):
-            tokens[row, :lengths[row]] = torch.tensor(feeds[i])
-        tokens = tokens.to(self.device)  # (B, T)
+        T = max(lengths)
+        tokens = torch.tensor([feeds[i] + [0] * (T - len(feeds[i])) for i in ids], device=self.device)  # (B, T)
         model = self.model
         x = model.token_embedding(tokens)  # (B, T, E)
         if model.config.position == "learned":
@@ -203,7 +201,8 @@ class Engine:
                 continue
             logits = self._forward(group, feeds)
             for row, request in enumerate(group):
-                history = torch.tensor([request.tokens], device=self.device)  # (1, T): the penalty reads it
+                penalised = request.sampler.config.repetition_penalty != 1.0  # only the penalty reads the history
+                history = torch.tensor([request.tokens], device=self.device) if penalised else None  # (1, T)
                 token = int(request.sampler(logits[row:row + 1], history))
                 request.tokens.append(token)
                 request.generated += 1

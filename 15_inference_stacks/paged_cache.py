@@ -23,6 +23,7 @@ Contents: PagedKVCache (pool, free list, block tables), contiguous_cache, BatchV
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from transformer import AttentionContext, CausalSelfAttention, register_attention
 
@@ -50,6 +51,7 @@ class PagedKVCache:
         self.free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
         self.block_tables: dict = {}  # request id -> [block ids]
         self.lengths: dict = {}  # request id -> tokens held
+        self.slot_maps: dict = {}  # request id -> LongTensor (tokens held,): the slot of each position
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     @property
@@ -80,11 +82,12 @@ class PagedKVCache:
             raise ValueError(f"no free block for request {request_id!r}: {self.blocks_used} of {self.num_blocks} used")
         self.block_tables[request_id] = [self.free_blocks.pop() for _ in range(self.reserve_on_admit)]
         self.lengths[request_id] = 0
+        self.slot_maps[request_id] = torch.empty(0, dtype=torch.long)
 
     def free(self, request_id) -> int:
         """Return the request's blocks to the free list (finish, cancel or preemption); -> blocks freed."""
         blocks = self.block_tables.pop(request_id)
-        del self.lengths[request_id]
+        del self.lengths[request_id], self.slot_maps[request_id]
         self.free_blocks.extend(reversed(blocks))
         return len(blocks)
 
@@ -103,13 +106,14 @@ class PagedKVCache:
                              f"{len(self.free_blocks)} free")
         table.extend(self.free_blocks.pop() for _ in range(max(missing, 0)))
         self.lengths[request_id] = end
-        return self.slots(request_id, start, end)
+        new_slots = self.slots(request_id, start, end)
+        self.slot_maps[request_id] = torch.cat([self.slot_maps[request_id], new_slots])
+        return new_slots
 
     def slots(self, request_id, start: int, end: int) -> torch.Tensor:
         """Pool slots of positions start .. end - 1 of a request: block_table[p // bs] * bs + p % bs."""
-        positions = torch.arange(start, end)
-        table = torch.tensor(self.block_tables[request_id], dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        table, size = self.block_tables[request_id], self.block_size
+        return torch.tensor([table[p // size] * size + p % size for p in range(start, end)], dtype=torch.long)
 
 
 def contiguous_cache(config, max_batch_size: int, dtype=torch.float32, device="cpu") -> PagedKVCache:
@@ -137,10 +141,9 @@ class BatchView:
         steps = torch.arange(T)
         self.new_valid = steps[None, :] < torch.tensor(new_lengths)[:, None]  # (B, T)
         self.positions = torch.tensor(held)[:, None] + steps[None, :]  # (B, T) absolute position of each query
-        read = torch.zeros(len(request_ids), T_keys, dtype=torch.long)  # (B, T_keys); padding reads slot 0
-        for i, (r, total) in enumerate(zip(request_ids, totals)):
-            read[i, :total] = cache.slots(r, 0, total)
+        read = pad_sequence([cache.slot_maps[r] for r in request_ids], batch_first=True)  # (B, T_keys), pad: slot 0
         self.read_slots = read.to(device)
+        self.all_new_valid = min(new_lengths) == T  # every row feeds T tokens: no padding to drop
         key_index = torch.arange(T_keys)
         key_valid = key_index[None, :] < torch.tensor(totals)[:, None]  # (B, T_keys)
         causal = key_index[None, None, :] <= self.positions[:, :, None]  # (B, T, T_keys)
@@ -151,9 +154,13 @@ class BatchView:
     def update(self, layer_index: int, k, v):
         """k, v (B, H_kv, T, D) -> each row's whole history (B, H_kv, T_keys, D)."""
         keys, values = self.cache.keys[layer_index], self.cache.values[layer_index]
-        valid = self.new_valid
-        keys.index_copy_(0, self.write_slots, k.transpose(1, 2)[valid].to(keys.dtype))  # (N_new, H_kv, D)
-        values.index_copy_(0, self.write_slots, v.transpose(1, 2)[valid].to(values.dtype))
+        new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H_kv, D)
+        if self.all_new_valid:
+            new_k, new_v = new_k.flatten(0, 1), new_v.flatten(0, 1)  # (B * T, H_kv, D)
+        else:
+            new_k, new_v = new_k[self.new_valid], new_v[self.new_valid]  # (N_new, H_kv, D)
+        keys.index_copy_(0, self.write_slots, new_k.to(keys.dtype))
+        values.index_copy_(0, self.write_slots, new_v.to(values.dtype))
         k_all = keys[self.read_slots].transpose(1, 2).to(k.dtype)  # (B, T_keys, H_kv, D) -> (B, H_kv, T_keys, D)
         v_all = values[self.read_slots].transpose(1, 2).to(v.dtype)
         return k_all, v_all
