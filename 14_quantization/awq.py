@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq import calibration_rows, calibration_objective
+from gptq import calibration_rows, hessian, output_error
 from quantization import QuantizedTensor, quantize_tensor
 
 ALPHAS = tuple(i / 10 for i in range(11))  # the exponent grid searched
@@ -45,12 +45,13 @@ def awq_quantize(weight: torch.Tensor, inputs: torch.Tensor, bits: int = 4, sche
         raise ValueError("alphas must hold at least one exponent in [0, 1]")
     granularity = "channel" if group_size is None else "group"
     activation = x.abs().mean(dim=0).clamp(min=1e-8)  # (in,): mean |x_j|
+    H = hessian(x, weight.shape[1])  # the objective as trace(dW H dW^T): one (in, in) matrix instead of X
     best = None
     for alpha in alphas:
         s = activation ** alpha
         s = s / (s.max() * s.min()).sqrt()
         quantized = quantize_tensor(weight.float() * s, bits, scheme, granularity, group_size, scale_dtype)
-        objective = calibration_objective(weight, quantized.dequantize() / s, x)
+        objective = output_error(weight.float(), quantized.dequantize() / s, H)
         if best is None or objective < best.objective:
             best = AWQResult(quantized, s, float(alpha), objective)
     return best

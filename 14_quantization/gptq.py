@@ -14,15 +14,14 @@ reaches its first column, on the weights as corrected so far (so the grid matche
 Calibration inputs here come from the full-precision model (one pass); the paper feeds each layer the
 outputs of the already-quantized layers before it.
 
-Contents: calibration_rows, calibration_objective, hessian, gptq_quantize.
+Contents: calibration_rows, hessian, output_error, calibration_objective, gptq_quantize.
 """
 
 import math
 
 import torch
 
-from quantization import (QuantizedTensor, check_bits, check_scheme, grid_for, pack_codes, quantize_to_grid,
-                          dequantize_codes)
+from quantization import QuantizedTensor, check_bits, check_scheme, grid_for, pack_codes
 
 
 def calibration_rows(inputs: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -33,16 +32,22 @@ def calibration_rows(inputs: torch.Tensor, in_features: int) -> torch.Tensor:
     return inputs.reshape(-1, in_features).float()  # (N, in)
 
 
-def calibration_objective(weight: torch.Tensor, approximation: torch.Tensor, inputs: torch.Tensor) -> float:
-    """||X W^T - X W_hat^T||^2 / N: the squared output error per calibration row, what GPTQ minimises."""
-    x = calibration_rows(inputs, weight.shape[1])
-    return ((x @ (weight.float() - approximation.float()).T) ** 2).sum().item() / x.shape[0]
-
-
 def hessian(inputs: torch.Tensor, in_features: int) -> torch.Tensor:
     """H = X^T X / N (in, in) from calibration inputs (..., in)."""
     x = calibration_rows(inputs, in_features)
     return x.T @ x / x.shape[0]
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, H: torch.Tensor) -> float:
+    """trace((W - W_hat) H (W - W_hat)^T): the calibration objective from H, without touching X again."""
+    delta = (weight - approximation).to(H.dtype)  # (out, in)
+    return ((delta @ H) * delta).sum().item()
+
+
+def calibration_objective(weight: torch.Tensor, approximation: torch.Tensor, inputs: torch.Tensor) -> float:
+    """||X W^T - X W_hat^T||^2 / N: the squared output error per calibration row, what GPTQ minimises."""
+    x = calibration_rows(inputs, weight.shape[1])
+    return ((x @ (weight.float() - approximation.float()).T) ** 2).sum().item() / x.shape[0]
 
 
 def gptq_quantize(weight: torch.Tensor, inputs: torch.Tensor, bits: int = 4, scheme: str = "zeropoint",
@@ -61,27 +66,31 @@ def gptq_quantize(weight: torch.Tensor, inputs: torch.Tensor, bits: int = 4, sch
                          f"got {group_size!r}")
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-    H = hessian(inputs, columns).double()  # (in, in)
-    W = weight.detach().double().clone()  # (out, in), corrected as the loop goes
+    H = hessian(inputs, columns)  # (in, in)
+    W = weight.detach().float().clone()  # (out, in), corrected as the loop goes
     dead = H.diagonal() == 0  # inputs that are always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += damping * H.diagonal().mean() * torch.eye(columns, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
 
-    codes = torch.empty(rows, columns, dtype=torch.int8 if scheme == "absmax" else torch.uint8, device=weight.device)
+    levels = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if scheme == "absmax" else (0, 2 ** bits - 1)
+    codes = torch.empty(rows, columns, device=weight.device)  # the integer codes, held as floats in the loop
     scales, zeros = [], []
     for i in range(columns):
         if i % group == 0:  # fit the grid of the group starting here, on the corrected weights
-            scale, zero = grid_for(W[:, i:i + group].float(), bits, scheme, scale_dtype)  # (out, 1) each
+            scale, zero = grid_for(W[:, i:i + group], bits, scheme, scale_dtype)  # (out, 1) each
             scales.append(scale)
             zeros.append(zero)
-        column = W[:, i:i + 1].float()  # (out, 1)
-        codes[:, i:i + 1] = quantize_to_grid(column, scale, zero, bits)
-        error = (column - dequantize_codes(codes[:, i:i + 1], scale, zero)).double() / U[i, i]  # (out, 1)
-        W[:, i + 1:] -= error * U[i, i + 1:]  # push the error onto the columns still to come
+            step = scale.float()[:, 0]  # (out,)
+            offset = torch.zeros_like(step) if zero is None else zero.float()[:, 0]
+        column = W[:, i]  # (out,): quantize_to_grid and dequantize_codes, written out for one column
+        codes[:, i] = q = (torch.round(column / step) + offset).clamp_(*levels)
+        error = (column - (q - offset) * step) / U[i, i]  # (out,)
+        W[:, i + 1:] -= error[:, None] * U[i, i + 1:]  # push the error onto the columns still to come
 
     # Reorder the per-column-block grids (out, groups) into row-major groups (out * groups, 1) as quantize_tensor does.
     scale = torch.cat(scales, dim=1).reshape(-1, 1)
     zero = None if scheme == "absmax" else torch.cat(zeros, dim=1).reshape(-1, 1)
+    codes = codes.to(torch.int8 if scheme == "absmax" else torch.uint8)
     return QuantizedTensor(pack_codes(codes, bits), scale, zero, bits, group, (rows, columns))
