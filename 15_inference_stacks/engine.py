@@ -148,8 +148,11 @@ class Engine:
             return
         while self.waiting and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            needed = min(len(request.tokens), self.context_length)
-            if self.cache.blocks_needed(needed) > len(self.cache.free_blocks):
+            needed = self.cache.blocks_needed(min(len(request.tokens), self.context_length))
+            # Leave one block of growth per running request (a cache whose requests grow): admitting into
+            # the last free blocks would only evict someone at the next block boundary (preemption thrash).
+            watermark = 0 if self.cache.reserve_on_admit else len(self.running)
+            if needed + watermark > len(self.cache.free_blocks):
                 break
             self.cache.add(request.request_id)
             self.running.append(self.waiting.pop(0))
