@@ -9,6 +9,8 @@ Experiments (all greedy, so every method must produce the same tokens, which the
   3. memory: KV memory step by step during continuous batching: tokens held vs paged blocks vs a contiguous
      cache (a whole context per request), and the waste of each block size; then the same memory budget
      (8 contexts) given to a contiguous and a paged engine: how many requests each runs at once.
+  4. arrivals: the same requests arriving at Poisson times at growing rates: TTFT (p50, p95) and throughput of
+     the naive loop, static and continuous batching (time simulated from each step's measured cost).
 Then computed verdicts on the CURRICULUM's claims for 15 and the issue's targets.
 """
 
@@ -22,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from matplotlib.ticker import NullFormatter
 
 from cache import kv_cache_bytes
 from data import load_corpus
@@ -36,8 +39,10 @@ from sampler import Sampler, SamplingConfig
 GREEDY = SamplingConfig(temperature=0)
 # Quick and full runs differ in these sizes only.
 SIZES = {
-    "quick": dict(preset="quick", requests=12, batch_sizes=(1, 4, 12), single_requests=3, repeats=1),
-    "full": dict(preset="full", requests=64, batch_sizes=(1, 2, 4, 8, 16, 32, 64), single_requests=8, repeats=2),
+    "quick": dict(preset="quick", requests=12, batch_sizes=(1, 4, 12), single_requests=3, repeats=1,
+                  arrival_rates=(50, 200), arrival_batch=4),
+    "full": dict(preset="full", requests=64, batch_sizes=(1, 2, 4, 8, 16, 32, 64), single_requests=8, repeats=2,
+                 arrival_rates=(10, 20, 40, 80, 160), arrival_batch=16),
 }
 # The workload: prompts of 4-24 characters; 60% short answers (4-12 tokens), 40% long ones (28-40), so
 # prompt + answer fits the 64-token context (HF's GPT-2 has no positions beyond it).
@@ -71,12 +76,14 @@ def make_workload(vocab, count: int, seed: int) -> list:
     return requests
 
 
-def latency_summary(arrival: float, token_times: dict, outputs: dict) -> dict:
-    """Throughput, TTFT and TPOT (p50, p95) from each request's token timestamps (all arrived at `arrival`)."""
-    first = [times[0] - arrival for times in token_times.values()]
+def latency_summary(arrival, token_times: dict, outputs: dict) -> dict:
+    """Throughput, TTFT and TPOT (p50, p95) from each request's token timestamps. arrival: one time for all
+    requests, or {request index: its arrival time}."""
+    arrivals = arrival if isinstance(arrival, dict) else {i: arrival for i in token_times}
+    first = [times[0] - arrivals[i] for i, times in token_times.items()]
     per_token = [(times[-1] - times[0]) / (len(times) - 1) for times in token_times.values() if len(times) > 1]
     total = sum(len(tokens) for tokens in outputs.values())
-    seconds = max(times[-1] for times in token_times.values()) - arrival
+    seconds = max(times[-1] for times in token_times.values()) - min(arrivals.values())
     return {"tokens": total, "seconds": seconds, "tokens_per_s": total / seconds,
             "ttft_p50_ms": 1e3 * float(np.percentile(first, 50)), "ttft_p95_ms": 1e3 * float(np.percentile(first, 95)),
             "tpot_p50_ms": 1e3 * float(np.percentile(per_token, 50)),
@@ -313,8 +320,71 @@ def memory(run, model, requests, sizes) -> dict:
             "bytes_per_token": kv_cache_bytes(config, 1), "same_budget": budget, "budget_contexts": BUDGET_CONTEXTS}
 
 
+# ---------------------------------------------------------------------------------------------- 4
+def arrivals(run, model, requests, sizes) -> dict:
+    """Open-loop load: requests arrive at Poisson times (rate per second); TTFT of the naive loop (first come,
+    first served), static and continuous batching. Time is simulated from measured costs: each engine step or
+    naive request advances the clock by what it measured, and an idle server jumps to the next arrival."""
+    batch_size, rates = sizes["arrival_batch"], list(sizes["arrival_rates"])
+    rows = {"naive loop": {}, "static": {}, "continuous": {}}
+    generate_naive = naive_one(model)
+    for rate in rates:
+        gaps = np.random.default_rng(run.seed + rate).exponential(1 / rate, len(requests))
+        arrive = {i: float(t) for i, t in enumerate(np.cumsum(gaps))}
+        # Naive loop: one request at a time, in arrival order.
+        now, outputs, token_times = 0.0, {}, {}
+        for index, (prompt, new) in enumerate(requests):
+            now = max(now, arrive[index])
+            stamps = []
+            started = clock()
+            outputs[index] = generate_naive(prompt, new, lambda: stamps.append(clock()))
+            token_times[index] = [now + t - started for t in stamps]
+            now += clock() - started
+        rows["naive loop"][rate] = latency_summary(arrive, token_times, outputs)
+        for policy in ("static", "continuous"):
+            engine = Engine(model, max_batch_size=batch_size, policy=policy, block_size=BLOCK_SIZE)
+            now, pending, ids = 0.0, list(range(len(requests))), {}
+            outputs, token_times = {i: [] for i in pending}, {i: [] for i in pending}
+            while pending or engine.has_work:
+                if not engine.has_work and arrive[pending[0]] > now:
+                    now = arrive[pending[0]]  # idle until the next request arrives
+                while pending and arrive[pending[0]] <= now:
+                    index = pending.pop(0)
+                    ids[engine.submit(*requests[index], GREEDY)] = index
+                started = clock()
+                events = engine.step()
+                now += clock() - started
+                for event in events:
+                    outputs[ids[event.request_id]].append(event.token)
+                    token_times[ids[event.request_id]].append(now)
+            rows[policy][rate] = latency_summary(arrive, token_times, outputs)
+        print(f"  {rate:4d} requests/s: TTFT p95 naive {rows['naive loop'][rate]['ttft_p95_ms']:.0f} ms, static "
+              f"{rows['static'][rate]['ttft_p95_ms']:.0f} ms, continuous {rows['continuous'][rate]['ttft_p95_ms']:.0f} ms")
+    top = rates[-1]
+    fig, axes = panels(1, 2, width=6.2, height=4.4, title=(
+        f"Requests arriving at {top}/s, batch {batch_size}: p95 time to first token {rows['continuous'][top]['ttft_p95_ms']:.0f} ms "
+        f"continuous, {rows['static'][top]['ttft_p95_ms']:.0f} ms static, {rows['naive loop'][top]['ttft_p95_ms']:.0f} ms naive"))
+    styles = {"naive loop": {"color": "tab:green"}, "static": {"color": "tab:blue"}, "continuous": {"color": "tab:orange"}}
+    ttft = {}
+    for name in rows:
+        ttft[f"{name} p95"] = [rows[name][r]["ttft_p95_ms"] for r in rates]
+        ttft[f"{name} p50"] = [rows[name][r]["ttft_p50_ms"] for r in rates]
+    line(axes[0], rates, ttft, xlabel="arrival rate (requests / s)", ylabel="time to first token (ms)", logx=True,
+         logy=True, title="TTFT (solid p95, dotted p50)",
+         styles={f"{n} {q}": {**styles[n], **({"linestyle": ":"} if q == "p50" else {})} for n in rows for q in ("p50", "p95")})
+    line(axes[1], rates, {name: [rows[name][r]["tokens_per_s"] for r in rates] for name in rows},
+         xlabel="arrival rate (requests / s)", ylabel="tokens / s", logx=True,
+         title="throughput (first arrival to last token)", styles=styles)
+    for ax in axes:
+        ax.set_xticks(rates, [str(r) for r in rates])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[0].legend(fontsize=7)
+    run.save(fig, "arrivals")
+    return {"batch_size": batch_size, "rates": rates, "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------- verdicts
-def verdicts(single: dict, batch: dict, mem: dict) -> dict:
+def verdicts(single: dict, batch: dict, mem: dict, arrival: dict) -> dict:
     engine, baselines = batch["engine"], batch["baselines"]
     sizes = batch["batch_sizes"]
     continuous = {b: engine["continuous"][b]["tokens_per_s"] for b in sizes}
@@ -366,6 +436,13 @@ def verdicts(single: dict, batch: dict, mem: dict) -> dict:
         "rule": f"holds if continuous >= {CONTINUOUS_OVER_STATIC}x static throughput at every batch size between 1 and "
                 f"the number of requests; depends if at some",
         "measured": {"ratios": ratios}}
+    rates, rows = arrival["rates"], arrival["rows"]
+    tail = {r: rows["static"][r]["ttft_p95_ms"] / rows["continuous"][r]["ttft_p95_ms"] for r in rates}
+    result["continuous_lowers_tail_ttft_under_arrivals"] = {
+        "verdict": "holds" if all(t > 1 for t in tail.values()) else "depends" if any(t > 1 for t in tail.values())
+        else "fails",
+        "rule": "holds if continuous batching's p95 TTFT is below static batching's at every arrival rate",
+        "measured": {"static_over_continuous_p95_ttft": tail}}
     same = mem["same_budget"]
     result["paged_runs_more_requests_in_the_same_memory"] = {
         "verdict": "holds" if same["paged"]["mean_running"] > same["contiguous"]["mean_running"] else "fails",
@@ -440,7 +517,9 @@ def main():
     results["batching"] = batching(run, model, hf_model, requests, sizes)
     print("\n3. KV memory: paged vs contiguous")
     results["memory"] = memory(run, model, requests, sizes)
-    results["verdicts"] = verdicts(results["single_stream"], results["batching"], results["memory"])
+    print("\n4. requests arriving over time")
+    results["arrivals"] = arrivals(run, model, requests, sizes)
+    results["verdicts"] = verdicts(results["single_stream"], results["batching"], results["memory"], results["arrivals"])
     for name, verdict in results["verdicts"].items():
         print(f"  verdict {name}: {verdict['verdict']} ({verdict['rule']}; measured {verdict['measured']})")
     print(f"\nKey insights (measured on {describe_device(run.device)}, torch {torch.__version__})")
