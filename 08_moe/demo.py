@@ -16,11 +16,10 @@ import pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils"))
 import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.ticker import NullFormatter
 from torch.utils.flop_counter import FlopCounterMode
 
 from demo_cli import demo_parser, print_table, start_demo
@@ -95,7 +94,8 @@ def train_variant(run, sizes, data, windows, label, seed=None, **overrides) -> t
            "curve_flops": [s * tokens_per_step * flops_per_token for s in history.eval_steps],
            "curve_seconds": [s * history.train_seconds / max(1, len(history.train_loss)) for s in history.eval_steps]}
     print(f"  {label:28s} val loss {row['val_loss']:.3f}  params {row['parameters']:,} (active "
-          f"{row['active_parameters']:,})  {flops_per_token / 1e6:.2f} MFLOP/token  {history.tokens_per_second:,.0f} tok/s")
+          f"{row['active_parameters']:,})  {flops_per_token / 1e6:.2f} MFLOP/token  "
+          f"{history.tokens_per_second:,.0f} tok/s")
     return row, model
 
 
@@ -135,30 +135,47 @@ def dense_vs_moe(run, sizes, data, windows):
                          f"by more than the dense seed spread, fails when higher by more, depends in between"},
     }
 
-    fig, axes = panels(1, 2, width=5.6, height=4.2,
-                       title=f"MoE ({larger:.1f}x the parameters, {flops_ratio:.2f}x the FLOPs) ends {abs(gain):.3f} "
-                             f"nats {'below' if gain > 0 else 'above'} dense (seed spread {spread:.3f});\n"
-                             f"on this CPU a MoE step takes {speed_ratio:.1f}x the dense step's time")
-    for label, row in rows.items():
-        style = dict(color=COLORS[label], marker="o", markersize=3, linestyle="--" if "seed" in label else "-")
-        axes[0].plot(row["curve_flops"], row["curve_val_loss"], label=f"{label}: {row['val_loss']:.3f}", **style)
-        axes[1].plot(row["curve_seconds"], row["curve_val_loss"], label=label, **style)
-    axes[0].set(xscale="log", xlabel="training FLOPs (FlopCounterMode, fwd + bwd, log scale)",
-                ylabel="validation loss (nats / char)", title="loss vs compute")
-    axes[1].set(xlabel="training wall time (s; steps x mean step time, shared cores)",
-                ylabel="validation loss (nats / char)", title="loss vs wall time")
-    for ax in axes:
-        ax.set_ylim(top=min(max(r["curve_val_loss"][0] for r in rows.values()) + 0.05, 4.5))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    run.save(fig, "dense_vs_moe")
+    plot_dense_vs_moe(run, rows, spread)
     insight = (f"At {flops_ratio:.2f}x the dense model's training FLOPs per token and {larger:.1f}x its parameters, "
                f"the MoE ends {gain:+.3f} nats vs dense (seed spread {spread:.3f}); the dense model as large as the "
-               f"MoE costs {1 / saving:.1f}x the MoE's FLOPs and ends {-gap_to_large:+.3f} nats vs the MoE. "
+               f"MoE costs {1 / saving:.1f}x the MoE's FLOPs and ends {abs(gap_to_large):.3f} nats "
+               f"{'above' if gap_to_large < 0 else 'below'} the MoE. "
                f"Per second of CPU time the MoE trains {moe['tokens_per_second']:,.0f} tokens/s vs dense "
                f"{dense['tokens_per_second']:,.0f} ({speed_ratio:.1f}x slower: routing, gathers and one small "
                f"matrix product per expert).")
     return {"variants": rows, "seed_spread": spread, "verdicts": verdicts, "insight": insight}, models
+
+
+def plot_dense_vs_moe(run, rows: dict, spread: float) -> None:
+    """Loss vs training FLOPs and vs wall time, drawn from the stored numbers only (rows as in results.json)."""
+    dense, moe = rows["dense"], rows["MoE 8x top-2"]
+    gain = dense["val_loss"] - moe["val_loss"]
+    fig, axes = panels(1, 2, width=5.6, height=4.2,
+                       title=f"MoE ({moe['parameters'] / dense['parameters']:.1f}x the parameters, "
+                             f"{moe['training_flops_per_token'] / dense['training_flops_per_token']:.2f}x the FLOPs) "
+                             f"ends {abs(gain):.3f} nats {'below' if gain > 0 else 'above'} dense (seed spread "
+                             f"{spread:.3f});\non this CPU a MoE step takes "
+                             f"{dense['tokens_per_second'] / moe['tokens_per_second']:.1f}x the dense step's time")
+    for label, row in rows.items():
+        style = dict(color=COLORS[label], marker="o", markersize=3, linestyle="--" if "seed" in label else "-")
+        axes[0].plot(row["curve_flops"][1:], row["curve_val_loss"][1:], label=f"{label}: {row['val_loss']:.3f}",
+                     **style)  # step 0 has 0 FLOPs: off a log axis
+        axes[1].plot(row["curve_seconds"], row["curve_val_loss"], label=label, **style)
+    axes[0].set(xscale="log", xlabel="training FLOPs, 10^12 (FlopCounterMode, fwd + bwd, log scale)",
+                ylabel="validation loss (nats / char)", title="loss vs compute (from the first evaluation)")
+    flops = [f for r in rows.values() for f in r["curve_flops"][1:]]
+    ticks = [m * 10.0 ** p for p in range(6, 20) for m in (1, 2, 5) if min(flops) <= m * 10.0 ** p <= max(flops)]
+    axes[0].set_xticks(ticks, [f"{t / 1e12:g}" for t in ticks])  # a 1-2-5 ladder: a short log axis has few decades
+    axes[0].xaxis.set_minor_formatter(NullFormatter())
+    axes[1].set(xlabel="training wall time (s; steps x mean step time, shared cores)",
+                ylabel="validation loss (nats / char)", title="loss vs wall time (step 0 above the axis)")
+    top = max(r["curve_val_loss"][1] for r in rows.values()) + 0.05  # the untrained value (~4.2) hides the rest
+    bottom = min(min(r["curve_val_loss"]) for r in rows.values()) - 0.03
+    for ax in axes:
+        ax.set_ylim(bottom, top)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    run.save(fig, "dense_vs_moe")
 
 
 # ---------------------------------------------------------------------------------------------- 2
@@ -225,7 +242,8 @@ def capacity(run, sizes, data, windows, unlimited_row, unlimited_model):
         row, model = train_variant(run, sizes, data, windows, f"MoE, capacity factor {factor}",
                                    ffn=moe_ffn(capacity_factor=factor))
         routing = routing_on(model, windows)
-        rows.append({"capacity_factor": factor, "val_loss": row["val_loss"], "tokens_per_second": row["tokens_per_second"],
+        rows.append({"capacity_factor": factor, "val_loss": row["val_loss"],
+                     "tokens_per_second": row["tokens_per_second"],
                      "dropped_share": float(np.mean(routing["dropped_share"])),
                      "dropped_share_per_layer": routing["dropped_share"]})
     rows.append({"capacity_factor": None, "val_loss": unlimited_row["val_loss"],
@@ -299,8 +317,10 @@ def specialisation(run, data, windows, model):
                       fontsize=8)
         counts = torch.zeros(NUM_EXPERTS, data.vocab.size)
         counts.index_put_((first, characters), torch.ones(len(first)), accumulate=True)
-        top_characters[f"layer {i}"] = {str(e): [shown(data.vocab.decode([int(c)])) for c in counts[e].argsort(descending=True)[:5]
-                                                 if counts[e, c] > 0] for e in range(NUM_EXPERTS)}
+        top_characters[f"layer {i}"] = {
+            str(e): [shown(data.vocab.decode([int(c)])) for c in counts[e].argsort(descending=True)[:5]
+                     if counts[e, c] > 0]
+            for e in range(NUM_EXPERTS)}
     run.save(fig, "specialisation")
     insight = "; ".join(f"layer {r['layer']}: {r['mutual_information_bits']:.2f} bits (shuffled "
                         f"{r['shuffled_baseline_bits']:.2f})" for r in layers)
@@ -343,7 +363,8 @@ def main():
         print(f"  verdict {name}: {verdict['verdict']}")
     run.finish({"sizes": sizes, "corpus": data.corpus, "unigram_loss": unigram,
                 "moe": {"num_experts": NUM_EXPERTS, "top_k": TOP_K, "expert_hidden_size": EXPERT_HIDDEN,
-                        "dense_hidden_size": DENSE_HIDDEN, "balance_coefficient": BALANCE, "z_loss_coefficient": Z_LOSS},
+                        "dense_hidden_size": DENSE_HIDDEN, "balance_coefficient": BALANCE,
+                        "z_loss_coefficient": Z_LOSS},
                 "dense_vs_moe": {k: v for k, v in compared.items() if k != "verdicts"},
                 "balance": {k: v for k, v in balanced.items() if k != "verdicts"},
                 "capacity": capped, "specialisation": special, "insights": insights, "verdicts": verdicts})

@@ -284,7 +284,8 @@ def test_same_settings_register_one_name_and_different_settings_two():
     (dict(num_experts=4, top_k=5), "top_k"), (dict(expert="relu"), "expert"),
     (dict(expert_hidden_size=0), "expert_hidden_size"), (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(capacity_factor=float("nan")), "capacity_factor"), (dict(capacity_factor=float("inf")), "capacity_factor"),
-    (dict(balance_coefficient=-0.1), "balance_coefficient"), (dict(z_loss_coefficient=float("nan")), "z_loss_coefficient"),
+    (dict(balance_coefficient=-0.1), "balance_coefficient"),
+    (dict(z_loss_coefficient=float("nan")), "z_loss_coefficient"),
     (dict(normalize_weights=1), "normalize_weights"),
 ])
 def test_bad_settings_raise_naming_the_argument(settings, argument):
