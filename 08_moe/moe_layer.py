@@ -23,7 +23,8 @@ Capacity (GShard / Switch): expert e accepts at most C = ceil(capacity_factor * 
 Assignments queue by rank (every token's first choice before any second choice), then by token position in
 the flattened batch (B*T order); the first C in e's queue are kept, the rest dropped: that expert adds
 nothing for that token (the residual connection carries the token on), and the other weights are not
-renormalised. capacity_factor=None keeps every assignment (Mixtral).
+renormalised. The rule applies in training and evaluation alike; capacity_factor=None keeps every
+assignment (Mixtral).
 
 How the auxiliary losses reach training: total loss = cross-entropy + a L_balance + b L_z, summed over
 layers. Each layer adds its a L_balance + b L_z to the backward pass itself (DeepSeek-MoE's

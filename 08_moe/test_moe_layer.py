@@ -265,6 +265,30 @@ def test_plugs_into_miniformer_with_depth_scaled_expert_outputs(moe_name):
     assert all(int(layer.assignments_per_expert.sum()) == 0 for layer in layers)
 
 
+def test_00_utils_train_loop_trains_the_router_with_the_auxiliary_losses_and_records_pure_cross_entropy():
+    """One step of the shared training loop, unchanged: the auxiliary losses change the router's update only."""
+    from training import TrainConfig, train
+
+    ids = torch.randint(0, 29, (4, 17), generator=torch.Generator().manual_seed(0))
+    models, histories = [], []
+    for coefficient in (0.0, 1.0):
+        name = register_moe(num_experts=4, top_k=2, expert="gelu", expert_hidden_size=16,
+                            balance_coefficient=coefficient, z_loss_coefficient=coefficient)
+        try:
+            torch.manual_seed(0)
+            model = MiniFormer(tiny_config(ffn=name))
+        finally:
+            unregister("ffn", name)
+        config = TrainConfig(steps=1, warmup_steps=0, eval_interval=1, eval_batches=1, progress=False, grad_clip=None)
+        histories.append(train(model, lambda split: (ids[:, :-1], ids[:, 1:]), config))
+        models.append(model)
+    assert histories[0].train_loss == histories[1].train_loss  # the recorded loss is the cross-entropy alone
+    last_without, last_with = moe_layers(models[0])[-1], moe_layers(models[1])[-1]
+    assert not torch.allclose(last_without.router.weight, last_with.router.weight)
+    for expert_without, expert_with in zip(last_without.experts, last_with.experts):  # no auxiliary gradient here
+        assert torch.equal(expert_without.up.weight, expert_with.up.weight)
+
+
 def test_same_settings_register_one_name_and_different_settings_two():
     first, again = register_moe(top_k=1), register_moe(top_k=1)
     other = register_moe(top_k=1, capacity_factor=1.25)
