@@ -216,19 +216,26 @@ def single_stream(run, model, hf_model, requests, sizes) -> dict:
 # ---------------------------------------------------------------------------------------------- 2
 def batching(run, model, hf_model, requests, sizes) -> dict:
     """Throughput and latency vs batch size: static vs continuous batching vs one-at-a-time baselines."""
-    repeats = sizes["repeats"]
-    naive_out, naive_times, naive_start = serve_one_at_a_time(naive_one(model), requests)
-    baselines = {"naive loop": latency_summary(naive_start, naive_times, naive_out)}
+    def one_at_a_time(generate_one):
+        out, times, start = serve_one_at_a_time(generate_one, requests)
+        return latency_summary(start, times, out), out
+
+    measures = {"naive loop": lambda: one_at_a_time(naive_one(model))}
     if hf_model is not None:
-        hf_out, hf_times, hf_start = serve_one_at_a_time(hf_one(hf_model), requests)
-        baselines["HF generate"] = latency_summary(hf_start, hf_times, hf_out)
-    configurations = [(policy, b) for policy in ("static", "continuous") for b in sizes["batch_sizes"]]
-    best = best_of(repeats, {(policy, b): (lambda p=policy, b=b: engine_summary(
-        Engine(model, max_batch_size=b, policy=p, block_size=BLOCK_SIZE), requests)) for policy, b in configurations})
+        measures["HF generate"] = lambda: one_at_a_time(hf_one(hf_model))
+    for policy in ("static", "continuous"):
+        for b in sizes["batch_sizes"]:
+            measures[(policy, b)] = lambda p=policy, b=b: engine_summary(
+                Engine(model, max_batch_size=b, policy=p, block_size=BLOCK_SIZE), requests)
+    best = best_of(sizes["repeats"], measures)
+    naive_out = best["naive loop"][1]
+    baselines = {name: best[name][0] for name in ("naive loop", "HF generate") if name in best}
+    identical = all(out == naive_out for _, out in best.values())
     engine_rows = {"static": {}, "continuous": {}}
-    identical = True
-    for (policy, batch_size), (summary, out) in best.items():
-        identical &= out == naive_out
+    for key, (summary, out) in best.items():
+        if key in baselines:
+            continue
+        policy, batch_size = key
         engine_rows[policy][batch_size] = summary
         print(f"  {policy:10s} batch {batch_size:3d}: {summary['tokens_per_s']:7.1f} tokens/s, TTFT p50 "
               f"{summary['ttft_p50_ms']:.0f} ms, TPOT p50 {summary['tpot_p50_ms']:.1f} ms")

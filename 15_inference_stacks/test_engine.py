@@ -64,6 +64,16 @@ def test_engine_equals_naive_loop_token_for_token(preset, layout, policy):
     assert engine.cache.blocks_used == 0 and not engine.cache.block_tables  # every block returned
 
 
+@pytest.mark.parametrize("overrides", [{"position": "sinusoidal"}, {"position": "none"}, {"num_kv_heads": 1},
+                                       {"norm_placement": "post"}, {"ffn": "swiglu", "norm": "rmsnorm"}])
+def test_engine_equals_naive_loop_for_other_model_shapes(overrides):
+    model = make_model(**overrides)
+    requests = mixed_requests(6, seed=4)
+    out = run_staggered(Engine(model, max_batch_size=3, block_size=4), requests, PRESETS["focused"])
+    for index, (prompt, new) in enumerate(requests):
+        assert out[index] == naive_generate(model, prompt, new, PRESETS["focused"], seed=100 + index), index
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch():
     """The same request and seed give the same tokens alone or among 8 others (per-request generators)."""
     model = make_model()
