@@ -506,7 +506,7 @@ def break_it(run, bench: Bench) -> dict:
     axes[0].bar(names, masses, color=["gray", "tab:blue", "tab:red"])
     for i, m in enumerate(masses):
         axes[0].annotate(f"{m:.3f}", (i, m), ha="center", va="bottom", fontsize=8)
-    axes[0].set(ylabel="probability of characters already in the context", ylim=(min(masses) - 0.05, 1.0),
+    axes[0].set(ylabel="probability of characters already in the context", ylim=(0, 1.0),
                 title=f"mean over {logits.shape[0]} contexts")
     x = np.arange(2)
     for offset, (label, field, color) in enumerate((("temperature, then top-p (HF order)", "kept_right_order", "tab:blue"),
