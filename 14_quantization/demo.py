@@ -35,7 +35,7 @@ from lab import short_schedule, trained_lab_model
 from pruning import prune_model
 from qat import prepare_qat
 from quantization import NF4_CODE, quantize_nf4, quantize_tensor
-from quantized_model import QuantizedLinear, model_bytes, quantize_model
+from quantized_model import QuantizedLinear, linear_layers, model_bytes, quantize_model
 from training import train
 
 # Quick and full runs differ in these sizes only.
@@ -78,8 +78,7 @@ def evaluate(model, batches) -> dict:
 
 def linear_weights(model) -> torch.Tensor:
     """Every block linear weight of the model, flattened into one vector."""
-    return torch.cat([m.weight.detach().reshape(-1) for n, m in model.named_modules()
-                      if type(m) is nn.Linear and n != "head"])
+    return torch.cat([linear.weight.detach().reshape(-1) for *_, linear in linear_layers(model)])
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -96,7 +95,7 @@ def grids(run, model) -> dict:
     errors = {"int4 absmax, block 64": mse(quantize_tensor(matrix, 4, "absmax", "channel")),
               "int4 zero-point, block 64": mse(quantize_tensor(matrix, 4, "zeropoint", "channel")),
               "NF4, block 64": mse(quantize_nf4(matrix, 64))}
-    layer = next(m for n, m in model.named_modules() if type(m) is nn.Linear and n != "head").weight.detach()
+    layer = linear_layers(model)[0][-1].weight.detach()  # the first block's qkv projection
     spiked = layer.clone()
     spiked[0, 0] = 50 * layer.abs().max()  # one outlier weight
     outlier = {}
@@ -299,7 +298,7 @@ def memory(run, model, gguf_sizes: dict) -> dict:
                     f"{ratio_fp32['total']:.2f}x)",
         "verdict": "holds" if both else "depends" if ratio_fp16["linear_weights"] >= MEMORY_RATIO_TARGET else "fails"}}
     kept = measured["float32"]["total"] - measured["float32"]["linear_weights"]
-    insights = [f"Measured bytes per linear weight: " + ", ".join(f"{n} {v:.2f} bits" for n, v in bits_per_weight.items())
+    insights = ["Measured bytes per linear weight: " + ", ".join(f"{n} {v:.2f} bits" for n, v in bits_per_weight.items())
                 + f". The rest of the model (embeddings, norms, biases: {kept / 1024:.0f} KiB in float32) is not "
                 "quantized, so the whole model shrinks less: int8 " + f"{ratio_fp32['total']:.2f}x, int4 group 32 "
                 f"{measured['float32']['total'] / measured['int4 group 32']['total']:.2f}x smaller than float32."]
@@ -310,7 +309,7 @@ def memory(run, model, gguf_sizes: dict) -> dict:
 
 def _per_channel_overhead(model) -> float:
     """Formula bits per weight of one float16 scale per output row, averaged over the block linear layers."""
-    layers = [m for n, m in model.named_modules() if type(m) is nn.Linear and n != "head"]
+    layers = [linear for *_, linear in linear_layers(model)]
     return sum(16 * m.out_features for m in layers) / sum(m.weight.numel() for m in layers)
 
 
@@ -474,7 +473,7 @@ def gguf_round_trip(run, trained, val, out_dir) -> dict:
     model = copy.deepcopy(trained.model).cpu()  # files are written and read on the CPU
     val = [(x.cpu(), y.cpu()) for x, y in val]
     results, file_bytes = {}, {}
-    weight = next(m for n, m in model.named_modules() if type(m) is nn.Linear and n != "head").weight.detach()
+    weight = linear_layers(model)[0][-1].weight.detach()
     identical = {qtype: bool(np.array_equal(ggml_quantize(weight, qtype).blocks.numpy(), gguf.quants.quantize(
         weight.numpy(), getattr(gguf.GGMLQuantizationType, qtype)))) for qtype in ("Q8_0", "Q4_0")}
     for qtype in ("F32", "Q8_0", "Q4_0"):

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn as nn
 
+from quantized_model import linear_layers
+
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask (same shape, True = keep) zeroing exactly round(sparsity * numel) of the smallest |w|."""
@@ -43,9 +45,7 @@ def prune_model(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstruc
     if pattern not in ("unstructured", "2:4"):
         raise ValueError(f"pattern must be 'unstructured' or '2:4', got {pattern!r}")
     zeros = total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name in skip:
-            continue
+    for _, _, _, module in linear_layers(model, skip):
         mask = two_four_mask(module.weight) if pattern == "2:4" else magnitude_mask(module.weight, sparsity)
         module.weight.mul_(mask)
         zeros += (~mask).sum().item()

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantization import quantize_tensor
+from quantized_model import linear_layers
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, scheme: str = "zeropoint", group_size: int | None = None,
@@ -44,9 +45,6 @@ class QATLinear(nn.Linear):
 def prepare_qat(model: nn.Module, bits: int, scheme: str = "zeropoint", group_size: int | None = None,
                 skip=("head",)) -> nn.Module:
     """Replace every nn.Linear of `model` (in place, except names in `skip`) by a QATLinear; returns the model."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and full_name not in skip:
-                setattr(module, child_name, QATLinear(child, bits, scheme, group_size))
+    for parent, attribute, _, linear in linear_layers(model, skip):
+        setattr(parent, attribute, QATLinear(linear, bits, scheme, group_size))
     return model

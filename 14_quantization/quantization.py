@@ -20,8 +20,9 @@ the quantiles of a standard normal, rescaled to [-1, 1], with an exact zero:
 Weights are roughly normal, so each level gets about equally many weights. Double quantization stores
 the block absmaxes themselves in 8 bits (per block of 256, minus their mean): 32/64 -> ~8.5/64 bits per weight.
 
-Contents: check_bits, grid_for, quantize_to_grid, dequantize_codes, pack_codes, unpack_codes, QuantizedTensor,
-quantize_tensor (round to nearest, any granularity), NF4_CODE / nf4_code, NF4Tensor, quantize_nf4.
+Contents: check_bits, grid_for, quantize_to_grid, dequantize_codes, container_bits, pack_codes, unpack_codes,
+QuantizedTensor, group_view, check_scheme, quantize_tensor (round to nearest, any granularity),
+NF4_CODE / nf4_code, NF4Tensor, quantize_nf4.
 """
 
 import math

@@ -47,7 +47,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {type(self.quantized).__name__}"
 
 
-def linear_layers(model: nn.Module, skip) -> list:
+def linear_layers(model: nn.Module, skip=("head",)) -> list:
     """[(parent module, attribute name, full name, nn.Linear)] for every nn.Linear not named in skip."""
     found = []
     for name, module in model.named_modules():
