@@ -26,9 +26,11 @@ from quantization import QuantizedTensor, check_bits, check_scheme, grid_for, pa
 
 def calibration_rows(inputs: torch.Tensor, in_features: int) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor) or inputs.numel() == 0:
-        raise ValueError("calibration inputs must be a non-empty tensor (..., in_features); the calibration set is empty")
+        raise ValueError("inputs (the calibration activations) must be a non-empty tensor (..., in_features); the "
+                         "calibration set is empty")
     if inputs.shape[-1] != in_features:
-        raise ValueError(f"calibration inputs must end with in_features = {in_features}, got shape {tuple(inputs.shape)}")
+        raise ValueError(f"inputs (the calibration activations) must end with in_features = {in_features}, got shape "
+                         f"{tuple(inputs.shape)}")
     return inputs.reshape(-1, in_features).float()  # (N, in)
 
 

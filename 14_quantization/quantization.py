@@ -37,7 +37,8 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_bits(bits, allowed=range(2, 9)) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
-        raise ValueError(f"bits must be an integer in [{min(allowed)}, {max(allowed)}], got {bits!r}")
+        allowed_text = f"{min(allowed)}" if len(allowed) == 1 else f"an integer in [{min(allowed)}, {max(allowed)}]"
+        raise ValueError(f"bits must be {allowed_text}, got {bits!r}")
     return bits
 
 

@@ -72,7 +72,7 @@ def test_bad_gptq_arguments():
         gptq_quantize(weight, inputs, 4, group_size=24)
     with pytest.raises(ValueError, match="bits must be an integer in"):
         gptq_quantize(weight, inputs, 1)
-    with pytest.raises(ValueError, match="calibration inputs must end with in_features = 64"):
+    with pytest.raises(ValueError, match="inputs \\(the calibration activations\\) must end with in_features = 64"):
         gptq_quantize(weight, inputs[:, :32], 4)
     with pytest.raises(ValueError, match="damping must be"):
         gptq_quantize(weight, inputs, 4, damping=float("nan"))
