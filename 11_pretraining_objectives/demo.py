@@ -217,6 +217,35 @@ def bag_of_characters(x: torch.Tensor, vocab_size: int) -> np.ndarray:
     return np.stack([np.bincount(row.numpy(), minlength=vocab_size) for row in x]).astype(np.float32)
 
 
+def draw_loss_curves(run, results: dict, learned: dict, unigram: float, steps: int) -> None:
+    """Experiment 1's figure, drawn from its stored numbers (results.json "loss_curves")."""
+    final = {name: r["val_loss"][-1] for name, r in results.items()}
+    fig, axes = panels(1, 2, width=5.6, height=4.2,
+                       title=f"After {steps} steps, loss on each objective's own targets: " + ", ".join(
+                           f"{n} {v:.2f}" for n, v in final.items()) + " nats/char")
+    series = {**{name: r["val_loss"] for name, r in results.items()}, "masked, learned positions": learned["val_loss"]}
+    styles = {**{name: {"color": COLORS[name]} for name in results},
+              "masked, learned positions": {"color": COLORS["masked"], "linestyle": "--", "marker": "s"}}
+    line(axes[0], results["causal"]["eval_steps"], series, styles=styles, xlabel="training step",
+         ylabel="validation loss (nats / predicted char)",
+         title=f"against steps (same batches for all; {POSITION} positions unless marked)")
+    axes[0].axhline(unigram, color="black", linestyle=":", label=f"unigram (no context) {unigram:.2f}")
+    axes[0].legend()
+    for name, r in results.items():  # from the first evaluation after step 0 (no predictions yet at 0)
+        axes[1].plot(r["predicted_positions"][1:], r["val_loss"][1:], marker="o", markersize=3,
+                     color=COLORS[name], label=f"{name} ({r['predicted_positions_per_window']:.0f} of {CONTEXT} "
+                                               f"positions per window)")
+    axes[1].plot(learned["predicted_positions"][1:], learned["val_loss"][1:], marker="s", markersize=3,
+                 linestyle="--", color=COLORS["masked"], label="masked, learned positions")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("positions that carried a loss so far (log scale)")
+    axes[1].set_ylabel("validation loss (nats / predicted char)")
+    axes[1].set_title("against the number of predictions trained on")
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the curves fill the panel
+    fig.subplots_adjust(wspace=0.3)
+    run.save(fig, "loss_curves")
+
+
 # ---------------------------------------------------------------------------------------------- 1
 def loss_curves(run, sizes, data) -> tuple[dict, dict]:
     """Each objective trained from the same start on the same batches; validation loss on its own targets."""
@@ -240,30 +269,7 @@ def loss_curves(run, sizes, data) -> tuple[dict, dict]:
                                           for step in numbers["eval_steps"]]
     unigram = unigram_loss(data, batches=50, seed=run.seed)
     final = {name: r["val_loss"][-1] for name, r in results.items()}
-    fig, axes = panels(1, 2, width=5.6, height=4.2,
-                       title=f"After {sizes['steps']} steps, loss on each objective's own targets: " + ", ".join(
-                           f"{n} {v:.2f}" for n, v in final.items()) + " nats/char")
-    series = {**{name: r["val_loss"] for name, r in results.items()}, "masked, learned positions": learned["val_loss"]}
-    styles = {**{name: {"color": COLORS[name]} for name in results},
-              "masked, learned positions": {"color": COLORS["masked"], "linestyle": "--", "marker": "s"}}
-    line(axes[0], results["causal"]["eval_steps"], series, styles=styles, xlabel="training step",
-         ylabel="validation loss (nats / predicted char)", title="against steps (same batches for all)")
-    axes[0].axhline(unigram, color="black", linestyle=":", label=f"unigram (no context) {unigram:.2f}")
-    axes[0].legend()
-    for name, r in results.items():  # from the first evaluation after step 0 (no predictions yet at 0)
-        axes[1].plot(r["predicted_positions"][1:], r["val_loss"][1:], marker="o", markersize=3,
-                     color=COLORS[name], label=f"{name} ({r['predicted_positions_per_window']:.0f} of {CONTEXT} "
-                                               f"positions per window)")
-    axes[1].plot(learned["predicted_positions"][1:], learned["val_loss"][1:], marker="s", markersize=3,
-                 linestyle="--", color=COLORS["masked"], label="masked, learned positions")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("positions that carried a loss so far (log scale)")
-    axes[1].set_ylabel("validation loss (nats / predicted char)")
-    axes[1].set_title("against the number of predictions trained on")
-    axes[1].legend()
-    axes[0].set_title(f"against steps (same batches for all; {POSITION} positions unless marked)")
-    fig.subplots_adjust(wspace=0.3)
-    run.save(fig, "loss_curves")
+    draw_loss_curves(run, results, learned, unigram, sizes["steps"])
     insights = [f"After {sizes['steps']} steps of {sizes['batch_size']} windows, validation loss on each objective's own "
                 f"targets: " + ", ".join(f"{n} {v:.3f}" for n, v in final.items()) + f" nats/char (unigram {unigram:.3f}). "
                 f"The numbers answer different questions (the masked LM sees both sides of each hidden character, "
