@@ -136,7 +136,8 @@ def context_collapse(run, data, sizes) -> tuple[dict, MiniFormer]:
                        title=f"Loss at {lengths[-1] // train_length}x the training length / at 1x: "
                              + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items()))
     styles = {name: {"color": COLORS[name]} for name in variants}
-    styles["window"]["linestyle"] = "--"  # window and sinks nearly coincide: dashes keep both visible
+    styles["window"]["linewidth"] = 3  # window and sinks nearly coincide: a wide line under a dashed one
+    styles["sinks"]["linestyle"] = "--"
     labels = {"full": "full attention", "window": f"window {train_length}",
               "sinks": f"{num_sinks} sinks + window {train_length - num_sinks}"}
     line(axes[0], lengths, {labels[n]: v for n, v in per_length.items()},
