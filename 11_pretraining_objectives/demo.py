@@ -439,11 +439,11 @@ def masking_rate(run, sizes, data, masked_model, probe_data) -> dict:
             "claim": "~15% is the right masking rate (Wettig et al. 2022 found 40% as good or better for BERT-large)",
             "threshold": f"fails: another rate's probe accuracy beats 15%'s by more than {PROBE_SIGMAS} standard errors; "
                          f"holds: 15% is the best loss at the common rate and no rate beats its probe; depends: otherwise",
-            "measured": f"probe " + ", ".join(f"{k.split()[1]} {r['accuracy']:.3f}" for k, r in tokens.items())
+            "measured": "probe " + ", ".join(f"{k.split()[1]} {r['accuracy']:.3f}" for k, r in tokens.items())
                         + f"; lowest common-rate loss at {best_loss.split()[1]}",
             "verdict": ("fails" if beat_15 else "holds" if best_loss == f"token {MASK_RATE:.0%}" else "depends")},
     }
-    insights = [f"Masking rate at equal steps: loss scored at 15% masking " + ", ".join(
+    insights = ["Masking rate at equal steps: loss scored at 15% masking " + ", ".join(
         f"{k.split()[1]} {r['loss_at_15_percent']:.3f}" for k, r in tokens.items()) + " nats; probe accuracy " + ", ".join(
         f"{k.split()[1]} {r['accuracy']:.1%}" for k, r in tokens.items()) + "."]
     return {"variants": results, "common_rate_positions": len(difference), "insights": insights, "verdicts": verdicts}

@@ -51,5 +51,5 @@ def bits_per_byte(loss: float, num_tokens: int, num_bytes: int) -> float:
 def utf8_bytes(text: str) -> int:
     """Number of UTF-8 bytes of text (the denominator of bits per byte)."""
     if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     return len(text.encode("utf-8"))

@@ -156,16 +156,20 @@ def select_spans(shape: tuple, rate: float, span_length: int, generator: torch.G
     return covered & ~protected.cpu() if protected is not None else covered
 
 
+def _check_fractions(mask_fraction: float, random_fraction: float) -> None:
+    _check_rate("mask_fraction", mask_fraction, low_open=False)
+    _check_rate("random_fraction", random_fraction, low_open=False)
+    if mask_fraction + random_fraction > 1 + 1e-12:
+        raise ValueError(f"mask_fraction + random_fraction must be <= 1, got {mask_fraction} + {random_fraction}")
+
+
 def corrupt(tokens: torch.Tensor, selected: torch.Tensor, mask_id: int, vocab_size: int,
             generator: torch.Generator | None = None, mask_fraction: float = 0.8,
             random_fraction: float = 0.1) -> torch.Tensor:
     """BERT's corruption of the selected positions: mask_fraction of them -> mask_id, random_fraction -> a
     token uniform in [0, vocab_size), the rest unchanged (so the model cannot trust an unmasked input blindly,
     and sees real tokens at the positions it must predict). Drawn per position, as Hugging Face does."""
-    _check_rate("mask_fraction", mask_fraction, low_open=False)
-    _check_rate("random_fraction", random_fraction, low_open=False)
-    if mask_fraction + random_fraction > 1 + 1e-12:
-        raise ValueError(f"mask_fraction + random_fraction must be <= 1, got {mask_fraction} + {random_fraction}")
+    _check_fractions(mask_fraction, random_fraction)
     draw = torch.rand(tokens.shape, generator=generator)  # one uniform per position splits it three ways
     to_mask = selected & (draw < mask_fraction)
     to_random = selected & (draw >= mask_fraction) & (draw < mask_fraction + random_fraction)
@@ -238,8 +242,7 @@ class MaskedLM(Objective):
             raise ValueError(f"mask_id must be an integer >= 0, got {mask_id!r}")
         if isinstance(span_length, bool) or not isinstance(span_length, int) or span_length < 1:
             raise ValueError(f"span_length must be an integer >= 1, got {span_length!r}")
-        corrupt(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool), mask_id, vocab_size,
-                mask_fraction=mask_fraction, random_fraction=random_fraction)  # checks the two fractions now
+        _check_fractions(mask_fraction, random_fraction)
         self.mask_id, self.vocab_size, self.rate, self.strategy = mask_id, vocab_size, rate, strategy
         self.span_length, self.mask_fraction, self.random_fraction = span_length, mask_fraction, random_fraction
 

@@ -71,8 +71,12 @@ def test_code_length_is_independent_of_the_tokenizer():
     (lambda: bits_per_byte(1.0, 0, 10), "num_tokens"),
     (lambda: bits_per_byte(1.0, 10, 0), "num_bytes"),
     (lambda: bits_per_byte(1.0, 10.5, 10), "num_tokens"),
-    (lambda: utf8_bytes(b"bytes"), "text"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_bytes_instead_of_text_is_a_type_error():
+    with pytest.raises(TypeError, match="text"):
+        utf8_bytes(b"bytes")
