@@ -5,7 +5,7 @@ Experiments (each draws one figure and fills one section of results.json):
   1. loss_curves: 04's lab model (2 layers in the full run, RoPE positions; same seed and batches) trained
      under each objective; validation loss on each objective's own targets, against steps and against the
      number of positions that carried a loss (a masked LM learns from only the masked positions); and the
-     masked LM with 04's learned position table, which stays near the unigram loss.
+     masked LM once more with 04's learned position table instead of RoPE.
   2. good_for: generation (the loss of the next character after 63 characters of context, and samples)
      against representation (a scikit-learn logistic-regression probe on frozen mean-pooled features: which
      of the corpus's top speakers says a 64-character piece of a speech), for every objective, a randomly
@@ -38,8 +38,8 @@ from data import load_corpus, random_batch
 from demo_cli import demo_parser, print_table, start_demo
 from lab import char_shakespeare_data, lab_model_config, short_schedule, unigram_loss
 from metrics import bits_per_byte, bits_per_token, perplexity, utf8_bytes
-from objectives import (IGNORE_INDEX, CausalLM, MaskedLM, ObjectiveBatch, PrefixLM, attention_visibility, bidirectional_visibility,
-                        prefix_visibility)
+from objectives import (IGNORE_INDEX, CausalLM, MaskedLM, ObjectiveBatch, PrefixLM, attention_visibility,
+                        bidirectional_visibility, prefix_visibility)
 from plotting import bar, line, panels
 from runtime import Timer
 from training import evaluate, train
@@ -61,7 +61,7 @@ SIZES = {
                  span=True, speakers=6, windows_per_speaker=250, generation_windows=2048, sample_chars=300,
                  bpe_vocab=512, bpe_train_chars=None, bpe_eval_batches=100),
 }
-MASK_RATE = 0.15  # BERT's rate: the masked LM of experiments 1, 2, 5, and the common evaluation rate of 3
+MASK_RATE = 0.15  # BERT's rate: the masked LM of experiments 1 and 2, and the common evaluation rate of 3
 SPAN_LENGTH = 3
 TEMPERATURE = 0.8  # for the samples only; the generation loss needs no sampling
 # Thresholds of the verdicts, each written beside the claim it decides.
