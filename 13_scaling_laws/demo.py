@@ -268,8 +268,8 @@ def exponents_figure(run, results: dict) -> None:
             labels.append(f"{name}\n{key} (ours)")
             values.append(fit["L_of_N_D"][key])
             low, high = fit["L_of_N_D"][f"{key}_95"]
-            lows.append(values[-1] - low)
-            highs.append(high - values[-1])
+            lows.append(max(0.0, values[-1] - low))  # a skewed bootstrap can leave the fit outside its interval
+            highs.append(max(0.0, high - values[-1]))
             colors.append("tab:blue" if key == "alpha" else "tab:orange")
     for source, fit in PUBLISHED.items():
         for key in ("alpha", "beta"):
