@@ -142,7 +142,7 @@ def counting(run, sizes: dict, vocab_size: int) -> dict:
         measured = measured_state_bytes(model, optimizer)
         estimate = training_state_bytes(model.num_parameters(), len(list(model.parameters())))
         saved = measure_saved_activation_bytes(MiniFormer(config),
-                                               lambda m: F.cross_entropy(m(x).flatten(0, 1), x.flatten()))
+                                               lambda m, x=x: F.cross_entropy(m(x).flatten(0, 1), x.flatten()))
         N = parameter_count(config, exclude_embeddings=True)
         rows.append({"width": width, "N_non_embedding": N, "N_total": parameter_count(config),
                      "flops_exact": training_flops(scratch, B * T), "flops_counted": int(counter.get_total_flops()),

@@ -258,7 +258,7 @@ def _fit(log_n, log_d, log_loss, weights, starts: list, iterations: int) -> tupl
         optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=iterations, tolerance_grad=1e-12,
                                       tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(theta=theta, optimizer=optimizer):  # bound now: L-BFGS calls it with no arguments
             optimizer.zero_grad()
             value = _objective(theta, log_n, log_d, log_loss, weights)
             value.backward()
