@@ -14,7 +14,7 @@ tokens/s, and >= 50% of the roofline. Writes results_benchmark.json beside this 
 
     python 06_kv_cache/benchmark_hf.py [--tokens 200] [--repeats 3] [--device cpu] [--out DIR]
 
-Contents: read_bandwidth, weight_bytes_per_token, time_decode, main.
+Contents: read_bandwidth, weight_bytes_per_token, time_decode, time_shares, main.
 """
 
 import pathlib, sys
@@ -67,6 +67,23 @@ def time_decode(generate, device) -> tuple:
     return tokens, time.perf_counter() - start
 
 
+def time_shares(generate) -> dict:
+    """Share of CPU self time per kind of operator in one generate() call (torch.profiler): where a decode
+    step's time goes. Weight products = aten::addmm + aten::mm (the matrix-vector products that read every
+    weight); attention = scaled_dot_product_attention and its kernels."""
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        generate()
+    totals = {"weight_products": 0.0, "attention": 0.0, "other": 0.0}
+    for event in profiler.key_averages():
+        kind = ("weight_products" if event.key in ("aten::addmm", "aten::mm")
+                else "attention" if "scaled_dot_product" in event.key else "other")
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    return {kind: value / whole for kind, value in totals.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=200, help="greedy tokens to generate")
@@ -104,6 +121,7 @@ def main():
         for _ in range(args.repeats):  # alternate, so a burst of load on shared cores hits both
             seconds["ours"].append(time_decode(run_ours, device)[1])
             seconds["hf"].append(time_decode(run_hf, device)[1])
+        shares = time_shares(run_ours) if device.type == "cpu" else None  # CPU self time only
     bandwidth = read_bandwidth(device)
     bytes_per_token = weight_bytes_per_token(ours)
     roofline = bandwidth / bytes_per_token
@@ -117,7 +135,7 @@ def main():
         "ours_over_hf": ratio, "read_bandwidth_GBps": bandwidth / 1e9, "weight_bytes_per_token": bytes_per_token,
         "roofline_tokens_per_second": roofline, "fraction_of_roofline": fraction,
         "ms_per_token": {name: 1000 / value for name, value in speed.items()},
-        "roofline_ms_per_token": 1000 / roofline,
+        "roofline_ms_per_token": 1000 / roofline, "ours_time_shares": shares,
         "verdicts": {
             "faster_than_hf": {"verdict": "holds" if ratio >= TARGET_SPEED_RATIO else "fails",
                                "rule": f"holds if ours / HF tokens per second >= {TARGET_SPEED_RATIO}", "value": ratio},
@@ -130,6 +148,8 @@ def main():
     print(f"  HF    {speed['hf']:7.2f} tokens/s   ({1000 / speed['hf']:.1f} ms/token)   ours / HF = {ratio:.2f}")
     print(f"  roofline {roofline:.2f} tokens/s = {bandwidth / 1e9:.1f} GB/s read / {bytes_per_token / 1e6:.0f} MB "
           f"per token; ours reaches {fraction:.0%} of it")
+    if shares:
+        print("  where our decode's CPU time goes: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     for name, verdict in results["verdicts"].items():
         print(f"  verdict {name}: {verdict['verdict']} ({verdict['rule']}; measured {verdict['value']:.2f})")
     path = write_results(args.out / "results_benchmark.json", results, device, topic="06_kv_cache")
