@@ -89,6 +89,22 @@ def start_demo(args: argparse.Namespace, demo_file: str) -> DemoRun:
     return run
 
 
+def report_findings(experiments, first_insights=()) -> tuple[list[str], dict]:
+    """Take each experiment's "insights" (sentences) and "verdicts" ({name: {verdict, claim, measured,
+    threshold}}) out of its results, print them after `first_insights`, and return (insights, verdicts)
+    for results.json."""
+    insights = list(first_insights)
+    insights += [sentence for experiment in experiments for sentence in experiment.pop("insights", [])]
+    verdicts = {name: v for experiment in experiments for name, v in experiment.pop("verdicts", {}).items()}
+    print("\nKey insights")
+    for sentence in insights:
+        print(f"  - {sentence}")
+    print("\nVerdicts (decided by the thresholds written beside them)")
+    for v in verdicts.values():
+        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    return insights, verdicts
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
     """Print a list of dicts as an aligned text table (floats to 4 significant digits)."""
     if not rows:

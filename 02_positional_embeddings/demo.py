@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from plotting import bar, heatmap, line, panels
 from positional_embeddings import alibi_bias, alibi_slopes, apply_rope, sinusoidal_encoding
 from runtime import Timer
@@ -475,14 +475,7 @@ def main():
                             f"pos<{train_length} / pos>={train_length}: positions of the {lengths[-1]}-token windows")
 
     experiments = (heatmaps, distance, extrapolated, table, inputs, broken)
-    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts", {}).items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments)
     run.finish({"sizes": sizes, "corpus": data.corpus, "eval_lengths": lengths, "heatmaps": heatmaps,
                 "similarity_vs_distance": distance, "extrapolation": encodings, "learned_table": table,
                 "unigram_val_loss": extrapolated["unigram_val_loss"], "bias_instead_of_vectors": inputs,

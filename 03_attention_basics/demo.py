@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from attention import (attention_entropy, naive_score_memory_bytes, scaled_dot_product_attention,
                        tiled_attention)
 from data import load_corpus
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from plotting import heatmap, line, panels, scatter
 import matplotlib.pyplot as plt  # after plotting, which picks the backend
 from runtime import time_function, track_peak_memory
@@ -663,16 +663,9 @@ def main():
                                        f"({scaling['dtype']}); SDPA ran: {scaling['sdpa_backend']}")
 
     experiments = (diversity, scale, scale_training, scaling)
-    insights = [f"The lab model ('{training['preset']}' preset) reached val loss {training['val_loss']:.3f} on "
-                f"{training['corpus']} after {training['steps']} steps."]
-    insights += [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts").items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments, first_insights=[
+        f"The lab model ('{training['preset']}' preset) reached val loss {training['val_loss']:.3f} on "
+        f"{training['corpus']} after {training['steps']} steps."])
     run.finish({"sizes": sizes, "training": training, "attention_maps": maps, "head_diversity": diversity,
                 "scale": scale, "scale_training": scale_training, "scaling": scaling, "key_insights": insights,
                 "verdicts": verdicts})

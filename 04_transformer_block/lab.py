@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data import CharVocab, data_dir, load_corpus, random_batch, train_val_split
+from data import CharVocab, load_corpus, random_batch, train_val_split
 from runtime import Timer
 from training import CheckpointError, TrainConfig, TrainHistory, evaluate, load_checkpoint, save_checkpoint, train
 from transformer import MiniFormer, TransformerConfig

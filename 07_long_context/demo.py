@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from attention import scaled_dot_product_attention
 from data import CharVocab
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant
-from plotting import bar, line, panels
+from plotting import line, panels
 from retrieval import retrieval_prompt
 from runtime import Timer, time_function, track_peak_memory
 from sliding_window import attention_score_bytes, banded_attention, sliding_window_mask, with_sliding_window
@@ -246,7 +246,7 @@ def memory_and_time(run, sizes) -> dict:
          title=f"one attention layer, B=1, H={heads}, D={head_dim} (median of 3)")
     measured = {n: np.maximum(np.array(p), 1) / 2**20 for n, p in peak.items()}
     measured["formula: full scores B H T^2 x 4 B"] = np.array(full_formula) / 2**20
-    measured[f"formula: banded scores B H T 2W x 4 B"] = np.array(banded_formula) / 2**20
+    measured["formula: banded scores B H T 2W x 4 B"] = np.array(banded_formula) / 2**20
     styles = {"formula: full scores B H T^2 x 4 B": {"color": "black", "linestyle": "--", "marker": None},
               "formula: banded scores B H T 2W x 4 B": {"color": "gray", "linestyle": "--", "marker": None}}
     line(axes[1], lengths, measured, styles=styles, logx=True, logy=True,
@@ -574,14 +574,7 @@ def main():
              "longest/1x": collapse["ratio_longest_to_1x"][n]} for n, losses in collapse["loss"].items()]
     print_table(rows, title="Validation loss (nats/char) of one RoPE model on documents past its training length")
     experiments = (collapse, cost, ablation, schedule, lookup)
-    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts", {}).items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments)
     run.finish({"sizes": sizes, "corpus": data.corpus, "context_collapse": collapse, "memory_and_time": cost,
                 "window_ablation": ablation, "curriculum": schedule, "retrieval": lookup,
                 "key_insights": insights, "verdicts": verdicts})

@@ -169,7 +169,7 @@ def cache_bytes(run, lab_rows: list) -> dict:
         ax.set_yscale("log")
         ax.set_ylabel(f"KV-cache bytes per token, all layers ({unit}, log scale)")
         ax.legend(loc="upper right")
-    axes[0].set_title(f"lab size: 4 layers, 8 heads of 16 dims")
+    axes[0].set_title("lab size: 4 layers, 8 heads of 16 dims")
     axes[1].set_title("published configurations")
     run.save(fig, "cache_bytes")
     return {"lab": lab_rows, "published": published, "deepseek_v2_as_mha_bytes": deepseek_as_mha,
@@ -585,7 +585,7 @@ def main():
           f"the absorbed path's time per token; MHA takes {decode['mha_over_mqa_at_longest']:.2f}x MQA's time.")
     print(f"- Conversion: {gqa_label} mean/first/random start at "
           + "/".join(f"{rows[f'{gqa_label} {m}']['before']:.3f}" for m in ("mean", "first", "random"))
-          + f", MQA at " + "/".join(f"{rows[f'MQA {m}']['before']:.3f}" for m in ("mean", "first", "random"))
+          + ", MQA at " + "/".join(f"{rows[f'MQA {m}']['before']:.3f}" for m in ("mean", "first", "random"))
           + f" (MHA {converted['mha_val_loss']:.3f}); after {converted['uptrain_steps']} steps "
           + "/".join(f"{rows[f'{gqa_label} {m}']['after']:.3f}" for m in ("mean", "first", "random")) + " and "
           + "/".join(f"{rows[f'MQA {m}']['after']:.3f}" for m in ("mean", "first", "random"))

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from layers import (FFN_FACTORIES, NORM_FACTORIES, GeluMLP, LayerNorm, RMSNorm, SwiGLU, gelu, glu,
                     silu)
 from plotting import line, panels
@@ -541,14 +541,7 @@ def main():
                 f"Learning-rate sweep: validation loss after {sizes['sweep_steps']} steps")
 
     experiments = (equivalence, speed, training, sweep)
-    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts").items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments)
     run.finish({"sizes": sizes, "learning_rate": LEARNING_RATE, "sweep_grad_clip": grad_clip, "corpus": data.corpus,
                 "unigram_val_loss": unigram, "equivalence": equivalence, "layer_seconds": speed,
                 "training": training, "learning_rate_sweep": sweep, "key_insights": insights, "verdicts": verdicts})

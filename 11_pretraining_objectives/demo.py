@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bpe import Tokenizer, train_bpe
 from data import load_corpus, random_batch
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from lab import char_shakespeare_data, lab_model_config, short_schedule, unigram_loss
 from metrics import bits_per_byte, bits_per_token, perplexity, utf8_bytes
 from objectives import (IGNORE_INDEX, CausalLM, MaskedLM, ObjectiveBatch, PrefixLM, attention_visibility,
@@ -572,14 +572,7 @@ def main():
         print(f"  [{name}] {text_sample[:160]!r}")
 
     experiments = (curves, uses, rates, tokens, broken)
-    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts", {}).items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments)
     run.finish({"sizes": sizes, "corpus": corpus, "context_length": CONTEXT, "mask_rate": MASK_RATE,
                 "loss_curves": curves, "good_for": uses, "masking_rate": rates, "char_vs_bpe": tokens,
                 "break_it": broken, "key_insights": insights, "verdicts": verdicts})

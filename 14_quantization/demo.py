@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_table, report_findings, start_demo
 from plotting import bar, line, panels
 from runtime import time_function
 from lab import short_schedule, trained_lab_model
@@ -543,14 +543,7 @@ def main():
     print_table(rows, title=f"Validation perplexity of the '{sizes['preset']}' lab model (float32 "
                             f"{baseline['perplexity']:.4f}), quantized linear layers")
     experiments = (grid, bits, exported, mem, fast, trained_qat, sparse)
-    insights = [sentence for experiment in experiments for sentence in experiment.pop("insights")]
-    verdicts = {key: value for experiment in experiments for key, value in experiment.pop("verdicts", {}).items()}
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    insights, verdicts = report_findings(experiments)
     run.finish({"sizes": sizes, "lab_model": trained.record, "validation_characters":
                 sizes["val_batches"] * data.batch_size * data.context_length, "grids": grid,
                 "bits_and_groups": bits, "memory": mem, "speed": fast, "qat": trained_qat, "sparsity": sparse,

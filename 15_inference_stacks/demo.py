@@ -30,7 +30,7 @@ from cache import kv_cache_bytes
 from data import load_corpus
 from demo_cli import demo_parser, print_table, start_demo
 from engine import Engine
-from inference import external_engines, hf_generate, naive_generate, static_cache_generate
+from inference import external_engines, static_cache_generate
 from lab import trained_lab_model
 from plotting import bar, line, panels
 from runtime import describe_device

@@ -206,13 +206,14 @@ def create_app(model, vocab, model_name: str, max_batch_size: int = 32, block_si
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        tokens = []
+        tokens, finished = [], False
         try:
-            while not tokens or not event.finished:
+            while not finished:
                 event = await queue.get()
                 tokens.append(event.token)
+                finished = event.finished
         finally:
-            if not tokens or not event.finished:
+            if not finished:  # the client went away: free the request's KV blocks now
                 worker.cancel(request_id)
         answer = chunk(vocab.decode(tokens), "length")
         answer["usage"] = {"prompt_tokens": len(text), "completion_tokens": len(tokens),
