@@ -90,19 +90,26 @@ def start_demo(args: argparse.Namespace, demo_file: str) -> DemoRun:
 
 
 def report_findings(experiments, first_insights=()) -> tuple[list[str], dict]:
-    """Take each experiment's "insights" (sentences) and "verdicts" ({name: {verdict, claim, measured,
-    threshold}}) out of its results, print them after `first_insights`, and return (insights, verdicts)
-    for results.json."""
+    """Take each experiment's "insights" (sentences) and "verdicts" out of its results, print them after
+    `first_insights` (print_findings), and return (insights, verdicts) for results.json."""
     insights = list(first_insights)
     insights += [sentence for experiment in experiments for sentence in experiment.pop("insights", [])]
     verdicts = {name: v for experiment in experiments for name, v in experiment.pop("verdicts", {}).items()}
-    print("\nKey insights")
+    print_findings(insights, verdicts)
+    return insights, verdicts
+
+
+def print_findings(insights: list[str], verdicts: dict, heading: str = "Key insights") -> None:
+    """Print the insight sentences, then each verdict: {verdict, claim, measured, threshold} or
+    {verdict, rule, measured} (the claim is then the verdict's name)."""
+    print(f"\n{heading}")
     for sentence in insights:
         print(f"  - {sentence}")
-    print("\nVerdicts (decided by the thresholds written beside them)")
-    for v in verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
-    return insights, verdicts
+    if verdicts:
+        print("\nVerdicts (decided by the thresholds written beside them)")
+    for name, v in verdicts.items():
+        claim, threshold = (v["claim"], v["threshold"]) if "claim" in v else (name, v["rule"])
+        print(f"  - {v['verdict'].upper():7s} {claim}: {v['measured']} [{threshold}]")
 
 
 def print_table(rows: list[dict], title: str = "") -> None:

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import CharVocab, load_corpus, random_batch, train_val_split
 from distributed import DataParallelSettings, spawn_local
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_findings, print_table, start_demo
 from generate import MarkovChain
 from lab import LabData, char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant
 from plotting import panels
@@ -577,12 +577,7 @@ def main():
         for name, f in fits_by_data.items()] + [
         f"Measured training throughput over the sweep: {flops_per_second / 1e9:.2f} GFLOP/s (exact matmul FLOPs) on "
         f"{cpu_model_name()} (shared cores)."]
-    print("\nKey insights")
-    for sentence in insights:
-        print(f"  - {sentence}")
-    print("\nVerdicts")
-    for v in results_verdicts.values():
-        print(f"  - {v['verdict'].upper():7s} {v['claim']}: {v['measured']} [{v['threshold']}]")
+    print_findings(insights, results_verdicts)
     for rows in rows_by_data.values():  # keep every 10th point of the training curves
         for r in rows:
             r["train_loss_curve"] = r["train_loss_curve"][::10]

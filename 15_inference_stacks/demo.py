@@ -28,7 +28,7 @@ from matplotlib.ticker import NullFormatter
 
 from cache import kv_cache_bytes
 from data import load_corpus
-from demo_cli import demo_parser, print_table, start_demo
+from demo_cli import demo_parser, print_findings, print_table, start_demo
 from engine import Engine
 from inference import external_engines, static_cache_generate
 from lab import trained_lab_model
@@ -535,12 +535,9 @@ def main():
     print("\n4. requests arriving over time")
     results["arrivals"] = arrivals(run, model, requests, sizes)
     results["verdicts"] = verdicts(results["single_stream"], results["batching"], results["memory"], results["arrivals"])
-    for name, verdict in results["verdicts"].items():
-        print(f"  verdict {name}: {verdict['verdict']} ({verdict['rule']}; measured {verdict['measured']})")
-    print(f"\nKey insights (measured on {describe_device(run.device)}, torch {torch.__version__})")
     results["key_insights"] = key_insights(results)
-    for sentence in results["key_insights"]:
-        print(f"  - {sentence}")
+    print_findings(results["key_insights"], results.get("verdicts", {}),
+                   heading=f"Key insights (measured on {describe_device(run.device)}, torch {torch.__version__})")
     run.finish(results)
 
 
