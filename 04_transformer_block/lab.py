@@ -174,9 +174,17 @@ def _code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(preset: str, config: TransformerConfig, schedule: TrainConfig, corpus: str, seed: int) -> str:
+def _numerics(device) -> str:
+    """What else decides the trained weights: the device type, and on a CPU the number of torch threads (a
+    matmul splits its sums by thread, so 1 and 2 threads train measurably different models from one seed)."""
+    device = torch.device(device)
+    return f"cpu, torch threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
+
+
+def _cache_key(preset: str, config: TransformerConfig, schedule: TrainConfig, corpus: str, seed: int,
+               numerics: str) -> str:
     description = {"preset": preset, "config": asdict(config), "schedule": asdict(schedule), "corpus": corpus,
-                   "seed": seed, "code": _code_version()}
+                   "seed": seed, "code": _code_version(), "numerics": numerics}
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -192,7 +200,7 @@ def trained_lab_model(preset: str = "full", device="cpu", seed: int = 0, retrain
     data = char_shakespeare_data(context_length, 12, device, seed)
     config = lab_model_config(data.vocab.size, **settings["model"])
     schedule = lab_train_config(progress=verbose, **settings["train"])
-    key = _cache_key(preset, config, replace(schedule, progress=False), data.corpus, seed)
+    key = _cache_key(preset, config, replace(schedule, progress=False), data.corpus, seed, _numerics(device))
     path = model_cache_dir() / f"lab-{preset}-{key}.pt"
     model = MiniFormer(config).to(device)
     if path.is_file() and not retrain:
@@ -214,6 +222,7 @@ def trained_lab_model(preset: str = "full", device="cpu", seed: int = 0, retrain
         history = train(model, data.batch_fn, schedule, device=device)
     data.generator.manual_seed(seed + 1)
     metadata = {"key": key, "preset": preset, "corpus": data.corpus, "steps": schedule.steps,
+                "numerics": _numerics(device),
                 "val_loss": float(evaluate(model, data.batch_fn, "val", 100)),
                 "train_seconds": float(timer.seconds), "tokens_per_second": float(history.tokens_per_second),
                 "parameters": int(model.num_parameters())}

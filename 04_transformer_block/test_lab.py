@@ -94,6 +94,20 @@ def test_a_stale_cached_model_is_retrained(tiny_preset, monkeypatch):
     assert len(list(tiny_preset.glob("lab-quick-*.pt"))) == 2
 
 
+def test_another_torch_thread_count_trains_its_own_model(tiny_preset):
+    """1 and 2 threads sum matmuls in different orders: the cache must not hand one's model to the other."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = trained_lab_model("quick", verbose=False)
+        torch.set_num_threads(2)
+        two = trained_lab_model("quick", verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not two.record["from_cache"] and one.record["key"] != two.record["key"]
+    assert (one.record["numerics"], two.record["numerics"]) == ("cpu, torch threads=1", "cpu, torch threads=2")
+
+
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="preset"):
         trained_lab_model("huge")
