@@ -110,6 +110,22 @@ def train_lab_variant(data: LabData, schedule: TrainConfig, seed: int = 0, devic
     return model, history
 
 
+def fixed_validation_windows(data: LabData, batches: int, seed: int) -> list:
+    """The same validation windows for every model a demo compares (drawn once, with their own seed)."""
+    data.generator.manual_seed(seed + 12345)
+    return [data.batch_fn("val") for _ in range(batches)]
+
+
+@torch.no_grad()
+def validation_loss(model, windows) -> float:
+    """Mean next-token cross-entropy over fixed (x, y) windows, in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    losses = [torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in windows]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
 def unigram_loss(data: LabData, batches: int = 200, seed: int = 0) -> float:
     """Validation loss of the best context-free guess: character frequencies counted on `batches` training
     batches (add-one smoothed), scored on `batches` validation batches. A model at this level has learned

@@ -108,6 +108,20 @@ def test_another_torch_thread_count_trains_its_own_model(tiny_preset):
     assert (one.record["numerics"], two.record["numerics"]) == ("cpu, torch threads=1", "cpu, torch threads=2")
 
 
+def test_validation_loss_on_fixed_windows_is_the_mean_cross_entropy_and_keeps_the_mode():
+    data = char_shakespeare_data(16, 4, "cpu", seed=0)
+    windows = lab.fixed_validation_windows(data, 3, seed=0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(windows, lab.fixed_validation_windows(data, 3, seed=0)))
+    torch.manual_seed(0)
+    model = lab.MiniFormer(lab.lab_model_config(data.vocab.size, num_layers=1, num_heads=2, embed_dim=16,
+                                                context_length=16)).train()
+    with torch.no_grad():
+        expected = sum(torch.nn.functional.cross_entropy(model.eval()(x).flatten(0, 1), y.flatten()).item()
+                       for x, y in windows) / 3
+    model.train()
+    assert lab.validation_loss(model, windows) == pytest.approx(expected, rel=1e-6) and model.training
+
+
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="preset"):
         trained_lab_model("huge")

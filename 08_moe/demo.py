@@ -24,7 +24,8 @@ from matplotlib.ticker import NullFormatter
 from torch.utils.flop_counter import FlopCounterMode
 
 from demo_cli import demo_parser, print_table, start_demo
-from lab import char_shakespeare_data, short_schedule, train_lab_variant, unigram_loss
+from lab import (char_shakespeare_data, fixed_validation_windows, short_schedule, train_lab_variant, unigram_loss,
+                 validation_loss)
 from moe_layer import model_active_parameters, moe_layers, register_moe, reset_utilisation
 from plotting import heatmap, panels
 from training import next_token_loss
@@ -55,20 +56,6 @@ def moe_ffn(**settings) -> str:
     base = dict(num_experts=NUM_EXPERTS, top_k=TOP_K, expert="gelu", expert_hidden_size=EXPERT_HIDDEN,
                 balance_coefficient=BALANCE, z_loss_coefficient=Z_LOSS)
     return register_moe(**{**base, **settings})
-
-
-def fixed_validation_windows(data, batches: int, seed: int) -> list:
-    """The same validation windows for every model (drawn once with their own seed)."""
-    data.generator.manual_seed(seed + 12345)
-    return [data.batch_fn("val") for _ in range(batches)]
-
-
-@torch.no_grad()
-def validation_loss(model, windows) -> float:
-    model.eval()
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in windows]
-    model.train()
-    return sum(losses) / len(losses)
 
 
 def training_flops_per_token(model, x, y) -> float:

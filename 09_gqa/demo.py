@@ -29,13 +29,12 @@ from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from demo_cli import demo_parser, print_table, start_demo  # noqa: E402
 from gqa import (PUBLISHED_CONFIGS, convert_to_gqa, held_bytes, kv_cache_bytes_per_token,  # noqa: E402
                  mla_cache_bytes_per_token)
 from lab import char_shakespeare_data, lab_model_config, short_schedule, train_lab_variant  # noqa: E402
-from lab import unigram_loss  # noqa: E402
+from lab import fixed_validation_windows, unigram_loss, validation_loss  # noqa: E402
 from mla import LatentKVCache, MultiHeadLatentAttention, register_mla, use_absorbed_path  # noqa: E402
 from plotting import bar, line, panels  # noqa: E402
 from positional_embeddings import apply_rope  # noqa: E402
@@ -81,21 +80,6 @@ def with_equal_parameters(vocab_size: int, target: int, overrides: dict) -> dict
     count = MiniFormer(config).num_parameters()
     per_unit = config.num_layers * (2 * config.embed_dim + 1)
     return {**overrides, "ffn_hidden_size": 4 * config.embed_dim + round((target - count) / per_unit)}
-
-
-def fixed_validation_windows(data, batches: int, seed: int) -> list:
-    """The same validation windows for every model (drawn once with their own seed)."""
-    data.generator.manual_seed(seed + 12345)
-    return [data.batch_fn("val") for _ in range(batches)]
-
-
-@torch.no_grad()
-def validation_loss(model, windows) -> float:
-    was_training = model.training
-    model.eval()
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in windows]
-    model.train(was_training)
-    return sum(losses) / len(losses)
 
 
 @torch.no_grad()
