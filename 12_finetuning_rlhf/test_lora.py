@@ -149,7 +149,12 @@ def test_dropout_acts_on_the_adapter_path_in_training_only():
     x = torch.randn(4, 6)
     plain = layer.base(x) + F.linear(F.linear(x, layer.lora_A), layer.lora_B)
     torch.testing.assert_close(layer.eval()(x), plain)
-    assert not torch.allclose(layer.train()(x), plain)
+    torch.manual_seed(7)
+    dropped = layer.train()(x)
+    torch.manual_seed(7)
+    expected = layer.base(x) + F.linear(F.linear(F.dropout(x, 0.5, training=True), layer.lora_A), layer.lora_B)
+    torch.testing.assert_close(dropped, expected)
+    assert not torch.allclose(dropped, plain)
 
 
 # --- training: only the adapters learn ----------------------------------------------------------------------
