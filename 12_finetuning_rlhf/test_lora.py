@@ -13,6 +13,7 @@ from lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, apply_qlora, count_pa
 from quantization import quantize_nf4
 from quantized_model import QuantizedLinear
 from testing import require
+from training import TrainConfig, train
 from transformer import MiniFormer, TransformerConfig
 
 V, E, H, H_KV, L = 13, 8, 2, 1, 2  # GQA (H_kv = 1) so qkv's output width differs from its input's
@@ -172,6 +173,25 @@ def test_only_adapter_parameters_require_and_receive_gradients():
             assert p.grad is None, name
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_00_utils_train_moves_only_the_adapters(quantized):
+    model = tiny_model()
+    if quantized:
+        apply_qlora(model, 2, 4.0, nf4_base)
+    else:
+        apply_lora(model, 2, 4.0)
+    frozen_before = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
+    generator = torch.Generator().manual_seed(0)
+
+    def batch_fn(split):
+        x = torch.randint(0, V, (4, 8), generator=generator)
+        return x, torch.roll(x, -1, dims=1)
+
+    train(model, batch_fn, TrainConfig(steps=3, warmup_steps=0, eval_interval=3, eval_batches=1, progress=False))
+    assert all(torch.count_nonzero(layer.lora_B) > 0 for layer in lora_layers(model))
+    assert all(torch.equal(p, frozen_before[name]) for name, p in model.named_parameters() if not p.requires_grad)
+
+
 def test_the_tied_head_is_never_wrapped_and_stays_tied():
     model, base = lora_model(targets=("qkv", "out", "up", "down"))
     assert type(model.head) is nn.Linear and model.head.weight is model.token_embedding.weight
@@ -225,6 +245,9 @@ def test_qlora_cannot_merge_and_trains_only_the_adapters():
         model.blocks[0].attn.qkv.unmerge()
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(name.endswith(("lora_A", "lora_B")) for name in trainable)
+    model(ids()).logsumexp(-1).mean().backward()  # the gradient reaches every B through the 4-bit layers above it
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in lora_layers(model))
+    assert all(p.grad is None for name, p in model.named_parameters() if name not in trainable)
     assert count_parameters(model) == count_parameters(lora_model(rank=2, alpha=4.0)[0])  # same weights, other storage
 
 
