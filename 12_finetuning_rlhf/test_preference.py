@@ -111,9 +111,11 @@ def test_bradley_terry_is_stable_for_large_gaps():
 # ---------------------------------------------------------------- batches and log-probs
 
 
+UNEVEN_PAIRS = [PreferencePair([1, 2], [3, END], [4, 5, END]), PreferencePair([2], [3, 3, END], [5, END])]
+
+
 def test_collate_pairs_layout_by_hand():
-    pairs = [PreferencePair([1, 2], [3, END], [4, 5, END]), PreferencePair([2], [3, 3, END], [5, END])]
-    batch = collate_pairs(pairs, pad_id=9)
+    batch = collate_pairs(UNEVEN_PAIRS, pad_id=9)
     assert batch.ids.tolist() == [[1, 2, 3, END, 9], [2, 3, 3, END, 9], [1, 2, 4, 5, END], [2, 5, END, 9, 9]]
     assert batch.response_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1],
                                                   [0, 1, 1, 0, 0]]
@@ -122,7 +124,7 @@ def test_collate_pairs_layout_by_hand():
 
 def test_response_log_probs_equals_a_per_token_loop():
     model = tiny_model().eval()
-    batch = collate_pairs(toy_pairs(3))
+    batch = collate_pairs(UNEVEN_PAIRS + toy_pairs(2))
     ours = response_log_probs(model, batch.ids, batch.response_mask)
     with torch.no_grad():
         for row in range(batch.ids.shape[0]):
@@ -134,7 +136,7 @@ def test_response_log_probs_equals_a_per_token_loop():
 
 def test_right_padding_does_not_change_response_log_probs():
     model = tiny_model().eval()
-    batch = collate_pairs(toy_pairs(3))
+    batch = collate_pairs(UNEVEN_PAIRS)
     padded_ids = torch.cat([batch.ids, torch.randint(0, V, (batch.ids.shape[0], 4))], dim=1)
     padded_mask = torch.cat([batch.response_mask, torch.zeros(batch.ids.shape[0], 4, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(response_log_probs(model, padded_ids, padded_mask),
@@ -156,10 +158,11 @@ def test_reward_model_reads_the_last_real_token():
     reward_model = RewardModel(model).eval()
     with torch.no_grad():  # a nonzero head so the reward depends on the hidden state
         reward_model.reward_head.weight.normal_(0.0, 1.0)
-        batch = collate_pairs(toy_pairs(4))
+        batch = collate_pairs(UNEVEN_PAIRS)
         rewards = reward_model(batch.ids, batch.lengths)
         padded = batch.ids.clone()
         after_end = torch.arange(padded.shape[1]) >= batch.lengths.unsqueeze(1)  # (2B, T) padding positions
+        assert after_end.sum() >= 3  # the rows do have padding to change
         padded[after_end] = (padded[after_end] + 1 + torch.arange(int(after_end.sum())) % (V - 1)) % V
         torch.testing.assert_close(reward_model(padded, batch.lengths), rewards)
         last_changed = batch.ids.clone()
