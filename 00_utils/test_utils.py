@@ -270,6 +270,20 @@ def test_loss_decreases_on_a_tiny_problem():
     assert not history.diverged and history.tokens_seen == 150 * 16 * 8
 
 
+def test_on_eval_runs_after_each_evaluation_with_the_step():
+    torch.manual_seed(0)
+    steps_trained, seen = [0], []
+
+    def counting_loss(model, x, y):  # counts the optimisation steps (evaluation runs in eval mode)
+        steps_trained[0] += model.training
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    history = train(Bigram(), _cyclic_batches, TrainConfig(steps=10, eval_interval=4, eval_batches=1, progress=False),
+                    loss_fn=counting_loss, on_eval=lambda step: seen.append((step, steps_trained[0])))
+    assert [step for step, _ in seen] == history.eval_steps == [0, 4, 8, 10]
+    assert [trained for _, trained in seen] == [0, 4, 8, 10]  # after those steps trained, not before
+
+
 def test_divergence_is_detected():
     model = Bigram()
 

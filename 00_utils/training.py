@@ -130,10 +130,12 @@ def evaluate(model, batch_fn: Callable[[str], tuple], split: str, batches: int, 
 
 
 def train(model: torch.nn.Module, batch_fn: Callable[[str], tuple], config: TrainConfig,
-          device: torch.device | str = "cpu", loss_fn=next_token_loss, optimizer=None) -> TrainHistory:
+          device: torch.device | str = "cpu", loss_fn=next_token_loss, optimizer=None,
+          on_eval: Callable[[int], None] | None = None) -> TrainHistory:
     """Train `model` in place on batches from batch_fn('train'), evaluating on batch_fn('val').
 
-    Evaluation runs at step 0, every eval_interval steps and after the last step. When the loss
+    Evaluation runs at step 0, every eval_interval steps and after the last step; on_eval(step), when
+    given, runs right after each one (a demo measures there what the loss does not show, e.g. accuracy). When the loss
     turns non-finite (or exceeds 4x its first value) training stops and history.diverged is True.
     """
     optimizer = optimizer or make_optimizer(model, config)
@@ -149,6 +151,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], tuple], config: Trai
         history.val_loss.append(evaluate(model, batch_fn, "val", config.eval_batches, loss_fn))
         if config.checkpoint_path is not None:
             save_checkpoint(config.checkpoint_path, model, optimizer, step=step)
+        if on_eval is not None:
+            on_eval(step)
 
     run_eval(0)
     for step in range(config.steps):
