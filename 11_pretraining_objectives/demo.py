@@ -24,7 +24,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "00_utils")
 import lab_paths  # noqa: F401  (puts every NN_topic folder on sys.path)
 
 import math
-from collections import Counter
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from objectives import (IGNORE_INDEX, CausalLM, MaskedLM, ObjectiveBatch, Prefix
                         bidirectional_visibility, prefix_visibility)
 from plotting import bar, line, panels
 from runtime import Timer
+from speakers import speaker_pieces
 from training import evaluate, train
 from transformer import MiniFormer
 
@@ -164,34 +164,6 @@ def masked_position_losses(model, batches: list) -> torch.Tensor:
     return torch.cat(losses)
 
 
-# ---------------------------------------------------------------------------------------------- the probe task
-def speaker_windows(text: str, vocab, speakers: int, per_speaker: int, seed: int):
-    """Pieces of CONTEXT characters from the speeches of the `speakers` characters who speak most, the same
-    number per speaker; train/test split by speech (70/30), so no speech gives pieces to both sides.
-    -> (x_train, y_train, x_test, y_test, names)."""
-    speeches: dict = {}
-    for block in text.split("\n\n"):
-        lines = block.strip("\n").split("\n")
-        if len(lines) >= 2 and lines[0].endswith(":"):
-            speeches.setdefault(lines[0][:-1], []).append("\n".join(lines[1:]))
-    volume = Counter({name: sum(len(s) for s in said) for name, said in speeches.items()})
-    names = [name for name, _ in volume.most_common(speakers)]
-    rng = np.random.default_rng(seed)
-    pieces = {"train": ([], []), "test": ([], [])}
-    for label, name in enumerate(names):
-        said = [s for s in speeches[name] if len(s) >= CONTEXT]
-        order = rng.permutation(len(said))
-        split_at = int(0.7 * len(said))
-        for split, chosen in (("train", order[:split_at]), ("test", order[split_at:])):
-            cut = [said[i][start:start + CONTEXT] for i in chosen for start in range(0, len(said[i]) - CONTEXT + 1, CONTEXT)]
-            limit = int(per_speaker * (0.7 if split == "train" else 0.3))
-            for piece in [cut[i] for i in rng.permutation(len(cut))[:limit]]:
-                pieces[split][0].append(vocab.encode(piece))
-                pieces[split][1].append(label)
-    (x_train, y_train), (x_test, y_test) = pieces["train"], pieces["test"]
-    return torch.stack(x_train), np.array(y_train), torch.stack(x_test), np.array(y_test), names
-
-
 @torch.no_grad()
 def pooled_features(model, name: str, x: torch.Tensor, device) -> np.ndarray:
     """Frozen features: the final (normalised) hidden state averaged over the positions, (N, E). Causal reads
@@ -300,8 +272,9 @@ def good_for(run, sizes, data, models: dict, text: str) -> dict:
     samples = {name: data.vocab.decode(sample(model, name, prompt, sizes["sample_chars"], mask_id, run.seed).tolist())
                for name, model in models.items()}
 
-    x_train, y_train, x_test, y_test, speakers = speaker_windows(text, data.vocab, sizes["speakers"],
-                                                                 sizes["windows_per_speaker"], run.seed)
+    pieces = speaker_pieces(text, sizes["speakers"], sizes["windows_per_speaker"], CONTEXT, run.seed)
+    x_train, x_test = (torch.stack([data.vocab.encode(t) for t in texts]) for texts in (pieces.train_texts, pieces.test_texts))
+    y_train, y_test, speakers = pieces.train_labels, pieces.test_labels, pieces.names
     feature_models = {**models, "random init": random_model}
     probes = {}
     for name, model in feature_models.items():
