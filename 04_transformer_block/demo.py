@@ -22,7 +22,7 @@ from demo_cli import demo_parser, print_table, start_demo
 from plotting import bar, line, panels
 from runtime import Timer, describe_device
 from training import evaluate, next_token_loss
-from hf_interop import miniformer_from_hf_gpt2, miniformer_from_hf_llama
+from hf_interop import load_pretrained_gpt2, miniformer_from_hf_gpt2, miniformer_from_hf_llama
 from lab import (char_shakespeare_data, lab_train_config, short_schedule, train_lab_variant,
                  unigram_loss)
 from transformer import ConcatKVCache, MiniFormer
@@ -472,38 +472,6 @@ def interop(run, scale: int = 1, new_tokens: int = 40):
 # ---------------------------------------------------------------------------------------------------
 # --pretrained gpt2: the real weights in our model (needs the local Hugging Face cache or the internet)
 # ---------------------------------------------------------------------------------------------------
-
-def load_pretrained_gpt2():
-    """(hf_model, encode, decode), first from the local cache, then by download; RuntimeError says what to do."""
-    try:
-        import transformers
-    except ImportError as error:
-        raise RuntimeError("the transformers package is needed: pip install transformers") from error
-    hf_model, errors = None, []
-    for local_only in (True, False):
-        try:
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=local_only)
-            break
-        except OSError as error:
-            errors.append(f"{'local cache' if local_only else 'download'}: {str(error).splitlines()[0]}")
-    if hf_model is None:
-        raise RuntimeError("GPT-2 weights are neither in the local Hugging Face cache nor downloadable ("
-                           + "; ".join(errors) + "). On a machine with internet run once: python -c \"from "
-                           "transformers import GPT2LMHeadModel as M; M.from_pretrained('gpt2')\" (about 550 MB "
-                           "into ~/.cache/huggingface), then copy that folder here or point HF_HOME at it.")
-    try:
-        import tiktoken
-        encoding = tiktoken.get_encoding("gpt2")
-        return hf_model, encoding.encode, encoding.decode
-    except Exception as tiktoken_error:  # tiktoken missing or its vocabulary file not downloadable
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained("gpt2")
-            return hf_model, tokenizer.encode, tokenizer.decode
-        except OSError as hf_error:
-            raise RuntimeError(f"no GPT-2 tokenizer: tiktoken ({tiktoken_error}) and Hugging Face ({hf_error}). "
-                               "Install tiktoken with internet access once (it caches the BPE files), or cache "
-                               "the 'gpt2' tokenizer with transformers.") from hf_error
-
 
 @torch.no_grad()
 def pretrained_gpt2(run, prompt: str = "The meaning of life is"):

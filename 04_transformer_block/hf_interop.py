@@ -2,10 +2,11 @@
 
     miniformer_from_hf_gpt2(GPT2LMHeadModel)   -> MiniFormer (learned positions, LayerNorm, GELU-tanh MLP)
     miniformer_from_hf_llama(LlamaForCausalLM) -> MiniFormer (RoPE "half" layout, RMSNorm, SwiGLU, GQA)
+    load_pretrained_gpt2()                     -> GPT-2 small from the Hugging Face cache (or the internet)
 
 Each converter maps the configuration, renames every tensor, transposes where the layouts differ, and
 loads strictly, so a tensor that is missing or left over is an error rather than a silently random weight.
-transformers itself is never imported here: the caller passes a model it built or loaded.
+The converters never import transformers: the caller passes a model it built or loaded.
 """
 
 import torch
@@ -107,3 +108,36 @@ def _load(model: MiniFormer, state: dict) -> MiniFormer:
     """Load every tensor strictly (a missing or unexpected name is an error) and switch to eval mode."""
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_pretrained_gpt2(download: bool = True):
+    """(hf_model, encode, decode) of GPT-2 small, first from the local Hugging Face cache, then (download=True)
+    by download; a RuntimeError says what to do when neither works."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise RuntimeError("the transformers package is needed: pip install transformers") from error
+    hf_model, errors = None, []
+    for local_only in (True, False) if download else (True,):
+        try:
+            hf_model = transformers.GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=local_only)
+            break
+        except OSError as error:
+            errors.append(f"{'local cache' if local_only else 'download'}: {str(error).splitlines()[0]}")
+    if hf_model is None:
+        raise RuntimeError("GPT-2 weights are neither in the local Hugging Face cache nor downloadable ("
+                           + "; ".join(errors) + "). On a machine with internet run once: python -c \"from "
+                           "transformers import GPT2LMHeadModel as M; M.from_pretrained('gpt2')\" (about 550 MB "
+                           "into ~/.cache/huggingface), then copy that folder here or point HF_HOME at it.")
+    try:
+        import tiktoken
+        encoding = tiktoken.get_encoding("gpt2")
+        return hf_model, encoding.encode, encoding.decode
+    except Exception as tiktoken_error:  # tiktoken missing or its vocabulary file not downloadable
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained("gpt2")
+            return hf_model, tokenizer.encode, tokenizer.decode
+        except OSError as hf_error:
+            raise RuntimeError(f"no GPT-2 tokenizer: tiktoken ({tiktoken_error}) and Hugging Face ({hf_error}). "
+                               "Install tiktoken with internet access once (it caches the BPE files), or cache "
+                               "the 'gpt2' tokenizer with transformers.") from hf_error
