@@ -151,9 +151,10 @@ def rl_step(policy, reference, optimizer, prompts, reward_fn, group_size: int, k
 
 def train_rl(policy, reference, prompts, reward_fn, steps: int, prompts_per_step: int, group_size: int,
              kl_coef: float, learning_rate: float, max_new_tokens: int, end_id: int, temperature: float,
-             generator: torch.Generator | None = None) -> list:
+             generator: torch.Generator | None = None, on_step=None) -> list:
     """steps calls of rl_step with AdamW, each on prompts_per_step prompts drawn without replacement;
-    the reference stays frozen. -> one dict per step (rl_step's, plus step)."""
+    the reference stays frozen. -> one dict per step (rl_step's, plus step, plus what on_step(step, policy)
+    returns when given: a demo measures there what the reward does not show, e.g. the true accuracy)."""
     _check_int("steps", steps, 1)
     _check_int("prompts_per_step", prompts_per_step, 1)
     _check_number("learning_rate", learning_rate, "> 0", lambda lr: lr > 0)
@@ -168,5 +169,5 @@ def train_rl(policy, reference, prompts, reward_fn, steps: int, prompts_per_step
         chosen = [prompts[i] for i in order[:prompts_per_step].tolist()]
         record = rl_step(policy, reference, optimizer, chosen, reward_fn, group_size, kl_coef, max_new_tokens,
                          end_id, temperature, generator)
-        history.append({"step": step, **record})
+        history.append({"step": step, **record, **((on_step(step, policy) or {}) if on_step else {})})
     return history

@@ -147,9 +147,16 @@ def test_rl_without_penalty_raises_the_rewarded_token():
     reference = tiny_model()
     policy = copy.deepcopy(reference)
     before = target_probability(policy, PROMPTS)
+
+    def measure_every_fourth_step(step, current):  # on_step sees the policy being trained, after the update
+        assert current is policy
+        return {"target_probability": target_probability(current, PROMPTS)} if step % 4 == 3 else None
+
     history = train_rl(policy, reference, PROMPTS, first_token_is_target, steps=12, prompts_per_step=3,
                        group_size=8, kl_coef=0.0, learning_rate=1e-2, max_new_tokens=3, end_id=END,
-                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+                       temperature=1.0, generator=torch.Generator().manual_seed(0), on_step=measure_every_fourth_step)
+    assert [h["step"] for h in history if "target_probability" in h] == [3, 7, 11]
+    assert history[-1]["target_probability"] == target_probability(policy, PROMPTS)
     assert target_probability(policy, PROMPTS) > max(0.5, 3 * before)
     assert history[-1]["reward_mean"] > history[0]["reward_mean"]
     assert history[-1]["kl"] > 0.1
