@@ -230,7 +230,8 @@ def training_time_vs_size(run, text: str, sizes_chars: list, vocab_size: int, na
          title=f"vocab {vocab_size}, GPT-2 split", styles={"HF tokenizers": {"color": "#2ca02c"}})
     axes[0].plot([r["megabytes"] for r in naive_rows], [r["naive_s"] for r in naive_rows], "o-", color="#d62728",
                  markersize=3, label=f"naive baseline (run up to {naive_max_chars // 1000}k characters)")
-    axes[0].legend(loc="lower right")  # the naive line runs along the top left
+    axes[0].set_ylim(top=20 * max(r["naive_s"] for r in naive_rows))  # headroom above the naive line for the legend
+    axes[0].legend(loc="upper right")
     line(axes[1], [r["megabytes"] for r in naive_rows], {"naive time / incremental time": speedups},
          xlabel="corpus size (MB)", ylabel="speed-up (x)", logx=True, title="speed-up of the incremental trainer")
     for ax, sizes_shown in [(axes[0], megabytes), (axes[1], [r["megabytes"] for r in naive_rows])]:
@@ -685,7 +686,8 @@ def algorithms(run, train_text: str, heldout: str, chars: int, vocab_size: int, 
     axes[0].set_xticks(positions.tolist(), kinds)
     axes[0].set_ylabel("held-out tokens per word")
     axes[0].set_title("compression (lower = fewer tokens)")
-    axes[0].legend()
+    axes[0].set_ylim(0, 1.3 * max(r["tokens_per_word"] for r in rows))  # headroom: the legend sits above the bars
+    axes[0].legend(loc="upper center", ncol=2)
     categories = list(HARD_TEXTS)
     width = 0.8 / len(ours)
     for k, r in enumerate(ours):
