@@ -124,6 +124,10 @@ def task_data(sizes, tasks, template, vocab, seed) -> dict:
     return {"train": train_examples, "test": test}
 
 
+def moving_mean(values, window: int) -> np.ndarray:
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
 def standard_error(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
@@ -441,11 +445,9 @@ def preferences(run, sizes, lab, policy, tasks) -> tuple[dict, RewardModel]:
                        constrained=True)
     window = max(1, len(reward_history) // 10)
 
-    def smooth(values):
-        return np.convolve(values, np.ones(window) / window, mode="valid")
     for name, history in (("reward model (Bradley-Terry)", reward_history), (f"DPO (beta {DPO_BETA})", dpo_history)):
-        axes[0].plot(smooth([h["loss"] for h in history]), label=name)
-        axes[1].plot(smooth([h["accuracy"] for h in history]), label=name)
+        axes[0].plot(moving_mean([h["loss"] for h in history], window), label=name)
+        axes[1].plot(moving_mean([h["accuracy"] for h in history], window), label=name)
     axes[0].set(xlabel="step", ylabel=f"training loss ({window}-step mean)", title="loss")
     axes[1].set(xlabel="step", ylabel="pairs ranked right in the batch", ylim=(0, 1), title="pair accuracy (training batches)")
     axes[1].legend(frameon=False)
@@ -520,7 +522,7 @@ def rlhf(run, sizes, lab, policy, tasks, reward_model) -> dict:
                 title=f"exact reward: reward vs KL, {sizes['rl_steps']} steps")
     window = max(1, sizes["hacking_steps"] // 10)
     for kl_coef, history in hacking.items():
-        scores = np.convolve([h["reward_mean"] for h in history], np.ones(window) / window, mode="valid")
+        scores = moving_mean([h["reward_mean"] for h in history], window)
         axes[1].plot(np.arange(window, len(history) + 1), scores, label=f"kl_coef {kl_coef:g}")
         measured = [(h["step"] + 1, h["test_accuracy"]) for h in history if "test_accuracy" in h]
         axes[2].plot([0] + [s for s, _ in measured], [start] + [a for _, a in measured], "o-", label=f"kl_coef {kl_coef:g}")
